@@ -1,0 +1,160 @@
+"""The configuration file: its schema, defaults and validation.
+
+Every key is declared here with its bounds; unknown keys are refused. Errors name the key path
+and the offending value, so a typo in ``config.yaml`` stops the program with a message that says
+what to fix. Relative paths resolve against the folder that holds the config file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+DEFAULT_NO_TEXT_SUFFIX = (
+    "The image contains no text, no letters, no words, no captions, no signs, no watermark and no logo."
+)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+def _resolve(value: Any, info: ValidationInfo) -> Path:
+    """Make a configured path absolute, relative to the config file's folder."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ValueError("must be a non-empty path")
+    base = Path((info.context or {}).get("base", "."))
+    path = Path(os.path.expanduser(str(value)))
+    return (path if path.is_absolute() else base / path).resolve()
+
+
+class PathsConfig(_Section):
+    inbox: Path = Field(Path("inbox"), description="Folder where job files are dropped.")
+    outputs: Path = Field(Path("outputs"), description="Folder for images and completion records.")
+
+    _abs = field_validator("inbox", "outputs", mode="plain")(_resolve)
+
+
+def looks_like_path(ref: str) -> bool:
+    """True for a model reference written as a path rather than a hub id (``org/name``)."""
+    return ref.startswith((".", "/", "~")) or ref.count("/") != 1
+
+
+class ModelsConfig(_Section):
+    flux: str = Field(
+        "black-forest-labs/FLUX.1-schnell",
+        min_length=1,
+        description="A diffusers folder, or a hub id fetched only when downloads are allowed.",
+    )
+    allow_download: bool = Field(False, description="Let the FLUX hub id download its weights.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+    @field_validator("flux", mode="after")
+    @classmethod
+    def _flux_path(cls, value: str, info: ValidationInfo) -> str:
+        if looks_like_path(value) or (Path((info.context or {}).get("base", ".")) / value).exists():
+            return str(_resolve(value, info))
+        return value
+
+
+class LimitsConfig(_Section):
+    max_width: int = Field(2048, ge=64, le=8192, multiple_of=64)
+    max_height: int = Field(2048, ge=64, le=8192, multiple_of=64)
+    max_prompt_length: int = Field(2000, ge=1, le=100_000)
+    max_image_bytes: int = Field(25_000_000, ge=1024, description="Largest decoded input image file.")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, le=20_000 * 20_000, description="Largest input image, in pixels."
+    )
+    max_job_bytes: int = Field(40_000_000, ge=1024, description="Largest job file or message.")
+
+
+class InboxConfig(_Section):
+    scan_interval: Annotated[float, Field(gt=0, le=3600)] = Field(
+        2.0, description="Seconds between rescans of the inbox; file events wake the worker sooner."
+    )
+    settle_seconds: Annotated[float, Field(ge=0, le=3600)] = Field(
+        10.0, description="A file that is still not valid JSON after this long is moved to failed/."
+    )
+    polling: bool = Field(False, description="Poll the folder instead of inotify (network folders).")
+
+
+class WorkerConfig(_Section):
+    stop_timeout: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        600.0, description="On SIGTERM, how long the job in hand may still run."
+    )
+    no_text_suffix: str = Field(DEFAULT_NO_TEXT_SUFFIX, min_length=1, max_length=1000)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Config(_Section):
+    paths: PathsConfig = PathsConfig.model_construct()
+    models: ModelsConfig = ModelsConfig.model_construct()
+    limits: LimitsConfig = LimitsConfig()
+    inbox: InboxConfig = InboxConfig()
+    worker: WorkerConfig = WorkerConfig()
+
+    source: Path | None = Field(None, exclude=True)
+
+    def dump(self) -> dict[str, Any]:
+        """The effective configuration as plain data (paths as strings)."""
+        return self.model_dump(mode="json", exclude={"source"})
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif item["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item['input']!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, base: Path, source: str = "config") -> Config:
+    """Validate configuration data; relative paths resolve against ``base``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, not {type(data).__name__}")
+    # Sections left out still get their paths resolved, so validate them explicitly.
+    data = {"paths": {}, "models": {}, **data}
+    try:
+        config = Config.model_validate(data, context={"base": str(base)})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+    return config
+
+
+def config_path(explicit: str | os.PathLike | None) -> Path:
+    """Where the config lives: ``--config``, else ``$FLUXWORKER_CONFIG``, else ``./config.yaml``."""
+    return Path(explicit or os.environ.get("FLUXWORKER_CONFIG") or "config.yaml").expanduser().resolve()
+
+
+def load_config(explicit: str | os.PathLike | None = None) -> Config:
+    """Read and validate the config file chosen by :func:`config_path`."""
+    path = config_path(explicit)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (use --config or $FLUXWORKER_CONFIG)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    config = parse_config(data, path.parent, str(path))
+    config.source = path
+    return config

@@ -1,0 +1,301 @@
+"""The folder protocol that makes the queue durable: drop, scan, claim, finish, recover.
+
+Layout (all inside the inbox folder, so every rename stays on one file system)::
+
+    inbox/<id>.json              queued jobs, written atomically by producers
+    inbox/processing/<id>.json   the job in hand, claimed by an atomic rename
+    inbox/failed/<name>          files that are not valid jobs, or jobs that failed,
+    inbox/failed/<name>.error.json   each with its error beside it
+    inbox/processing/.status.json  the worker's state and the running job's progress
+                                 (outside the watched folder: its rewrites wake no one)
+    outputs/<name>.png           images
+    outputs/<id>.json            completion records, written last
+
+A job is done exactly when its completion record exists; a job with a completion record never
+runs again. Names starting with a dot are temporary files and are never read as jobs.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import JobError
+from .jobs import JobSpec, is_valid_id, spec_json
+
+log = logging.getLogger(__name__)
+
+STATUS_NAME = ".status.json"
+
+
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary dotfile and a rename.
+
+    With ``durable`` the file and its folder are fsynced, so the file survives a power cut once
+    this returns. Readers never see a half-written file.
+    """
+    tmp = path.with_name(f".tmp-{os.getpid()}-{time.monotonic_ns()}-{path.name}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_job_name(name: str) -> bool:
+    """Job files are ``*.json`` without a leading dot; everything else is ignored."""
+    return name.endswith(".json") and not name.startswith(".") and len(name) > len(".json")
+
+
+def read_json(path: Path) -> Any | None:
+    """A JSON file's content, or ``None`` when it is missing or not (yet) valid JSON."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    mtime: float
+    size: int
+
+
+class WorkerBusy(Exception):
+    """Another worker already serves this inbox."""
+
+
+class Inbox:
+    """One inbox folder and its outputs folder."""
+
+    def __init__(self, root: Path, outputs: Path):
+        self.root = Path(root)
+        self.outputs = Path(outputs)
+        self.processing = self.root / "processing"
+        self.failed = self.root / "failed"
+        self.status_path = self.processing / STATUS_NAME
+        self._lock_handle = None
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Create the folders if needed."""
+        for folder in (self.root, self.processing, self.failed, self.outputs):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def lock(self) -> None:
+        """Take the inbox for this process; a second worker on the same inbox gets ``WorkerBusy``."""
+        handle = open(self.processing / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise WorkerBusy(f"another worker (pid {owner}) already serves {self.root}") from None
+            raise
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_handle = handle
+
+    def unlock(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    # -- producers ------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> Path:
+        """Drop a validated job (its id set) into the inbox, durably and atomically."""
+        path = self.root / f"{spec.id}.json"
+        write_atomic(path, spec_json(spec))
+        return path
+
+    # -- the worker -----------------------------------------------------------------------
+
+    def scan(self) -> list[Entry]:
+        """Queued job files, oldest first."""
+        entries = []
+        try:
+            with os.scandir(self.root) as it:
+                for item in it:
+                    if not is_job_name(item.name):
+                        continue
+                    try:
+                        if not item.is_file(follow_symlinks=False):
+                            continue
+                        stat = item.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    entries.append(Entry(item.name, stat.st_mtime, stat.st_size))
+        except FileNotFoundError:
+            return []
+        entries.sort(key=lambda e: (e.mtime, e.name))
+        return entries
+
+    def claim(self, name: str) -> Path | None:
+        """Move a queued file into processing/. Exactly one claimer wins; losers get ``None``."""
+        target = self.processing / name
+        try:
+            os.rename(self.root / name, target)
+        except FileNotFoundError:
+            return None
+        return target
+
+    def recover(self, max_attempts: int) -> tuple[list[str], list[Path]]:
+        """Put jobs left in processing/ by a crash back at the head of the queue.
+
+        Returns the names requeued and the paths of jobs that already crashed the worker
+        ``max_attempts`` times (the caller fails those instead of running them again).
+        """
+        requeued, poisoned = [], []
+        for path in sorted(self.processing.glob("*.json")):
+            if not is_job_name(path.name):
+                continue
+            attempts_file = self.processing / f".attempts-{path.name}"
+            try:
+                attempts = int(attempts_file.read_text()) + 1
+            except (OSError, ValueError):
+                attempts = 1
+            if attempts >= max_attempts:
+                poisoned.append(path)
+                continue
+            write_atomic(attempts_file, str(attempts).encode())
+            os.rename(path, self.root / path.name)  # keeps its mtime: it stays at the head
+            requeued.append(path.name)
+        return requeued, poisoned
+
+    def completion_path(self, job_id: str) -> Path:
+        return self.outputs / f"{job_id}.json"
+
+    def completion(self, job_id: str) -> dict | None:
+        """The completion record of a job, or ``None`` while it is not finished."""
+        if not is_valid_id(job_id):
+            return None
+        record = read_json(self.completion_path(job_id))
+        return record if isinstance(record, dict) else None
+
+    def write_output(self, name: str, data: bytes) -> Path:
+        path = self.outputs / name
+        write_atomic(path, data)
+        return path
+
+    def finish(self, processing_path: Path, record: dict) -> None:
+        """Write the completion record (last, durably), then let go of the job file."""
+        write_atomic(self.completion_path(record["id"]), json.dumps(record).encode())
+        if record["status"] == "failed":
+            self._to_failed(processing_path, record["error"])
+        else:
+            processing_path.unlink(missing_ok=True)
+        (self.processing / f".attempts-{processing_path.name}").unlink(missing_ok=True)
+
+    def reject(self, processing_path: Path, error: JobError, job_id: str | None) -> None:
+        """A file that is not a valid job: to failed/ with its error, plus a failed record when
+        its id is known and no record exists yet."""
+        from .jobs import failed_record
+
+        if job_id is not None and not self.completion_path(job_id).exists():
+            write_atomic(self.completion_path(job_id), json.dumps(failed_record(job_id, error)).encode())
+        self._to_failed(processing_path, error.to_dict())
+        (self.processing / f".attempts-{processing_path.name}").unlink(missing_ok=True)
+
+    def discard(self, processing_path: Path) -> None:
+        """Drop a duplicate of a job that already has its completion record."""
+        processing_path.unlink(missing_ok=True)
+        (self.processing / f".attempts-{processing_path.name}").unlink(missing_ok=True)
+
+    def _to_failed(self, path: Path, error: dict) -> None:
+        target = self.failed / path.name
+        if target.exists():
+            target = self.failed / f"{path.stem}.{time.time_ns()}{path.suffix}"
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return
+        write_atomic(target.with_name(target.name + ".error.json"), json.dumps({"error": error}).encode())
+
+    # -- progress -------------------------------------------------------------------------
+
+    def write_status(self, status: dict) -> None:
+        """Replace the worker's status file (atomic, not fsynced: it is rewritten often)."""
+        write_atomic(self.status_path, json.dumps(status).encode(), durable=False)
+
+    def read_status(self) -> dict | None:
+        status = read_json(self.status_path)
+        return status if isinstance(status, dict) else None
+
+    def state_of(self, job_id: str) -> dict | None:
+        """Where a job stands: ``done``/``failed`` (its record), ``running`` (with progress),
+        ``queued`` (with its position, 1 = next), or ``None`` when the id is unknown."""
+        record = self.completion(job_id)
+        if record is not None:
+            return record
+        # A job only moves forward (inbox, processing, record), so looking in that order
+        # cannot miss one that moves while we look.
+        name = f"{job_id}.json"
+        for position, entry in enumerate(self.scan(), start=1):
+            if entry.name == name:
+                return {"id": job_id, "status": "queued", "position": position}
+        if (self.processing / name).exists():
+            status = self.read_status() or {}
+            job = status.get("job") or {}
+            state = {"id": job_id, "status": "running", "step": 0, "total": None}
+            if job.get("id") == job_id:
+                state.update(step=job.get("step", 0), total=job.get("total"))
+            return state
+        return self.completion(job_id)
+
+    def records(self) -> Iterator[dict]:
+        for path in self.outputs.glob("*.json"):
+            if is_job_name(path.name):
+                record = read_json(path)
+                if isinstance(record, dict):
+                    yield record
+
+    def wait(self, job_id: str, timeout: float, on_state=None) -> dict | None:
+        """Wait for a job's completion record; ``None`` after ``timeout`` seconds.
+
+        Polls with a backoff from 5 ms to 200 ms, reset whenever the job's state changes, and calls
+        ``on_state`` with each new state (queued position, running step).
+        """
+        deadline = time.monotonic() + timeout
+        delay, last = 0.005, None
+        while True:
+            state = self.state_of(job_id)
+            if state is not None and state.get("status") in ("done", "failed"):
+                return state
+            if state != last:
+                last, delay = state, 0.005
+                if on_state is not None and state is not None:
+                    on_state(state)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, 0.2)

@@ -1,0 +1,330 @@
+"""The resident worker: take the oldest job from the inbox, run its engine, write its result.
+
+Signals only set flags. The first SIGTERM or SIGINT lets the job in hand finish (for at most
+``worker.stop_timeout`` seconds) and then the loop ends with exit status 0; the second one ends the
+process at once, and the job in hand runs again at the next start.
+
+The loop never waits by polling: it sleeps in ``select`` on one pipe that file events, signals
+(``signal.set_wakeup_fd``) and the periodic rescan timeout all wake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from . import __version__
+from .config import Config
+from .engines import EngineSet, RunContext, build_engines
+from .errors import JobError
+from .images import png_bytes
+from .inbox import Inbox, WorkerBusy, is_job_name, write_atomic
+from .jobs import Job, done_record, draw_seed, failed_record, is_valid_id, now_iso, parse_job, parse_json, spec_json
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_STOP_TIMEOUT = 75  # the job in hand outlasted stop_timeout; it runs again at the next start
+MAX_ATTEMPTS = 3  # a job that crashed the worker this many times is failed instead of rerun
+
+
+class StopNow(Exception):
+    """Raised inside a job when a stop was requested and the stop timeout has passed."""
+
+
+class Waker:
+    """A self-pipe: any thread, and signals, wake the loop sleeping in :meth:`wait`."""
+
+    def __init__(self):
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def notify(self) -> None:
+        try:
+            os.write(self._write, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full or closed: the loop is awake anyway
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until woken or ``timeout``; True when woken."""
+        ready, _, _ = select.select([self._read], [], [], max(0.0, timeout))
+        if not ready:
+            return False
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        return True
+
+    def attach_signals(self) -> None:
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+
+    def close(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.set_wakeup_fd(-1)
+            if previous not in (-1, self._write):
+                signal.set_wakeup_fd(previous)
+        os.close(self._read)
+        os.close(self._write)
+
+
+class _InboxEvents(FileSystemEventHandler):
+    """File events are only hints that the inbox changed; the scan decides what is there."""
+
+    def __init__(self, waker: Waker):
+        self.waker = waker
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        path = event.dest_path or event.src_path
+        name = os.path.basename(os.fsdecode(path))
+        if is_job_name(name):
+            self.waker.notify()
+
+
+class Worker:
+    """The resident loop over one inbox with one set of engines."""
+
+    def __init__(self, config: Config, engines: EngineSet | None = None):
+        self.config = config
+        self.inbox = Inbox(config.paths.inbox, config.paths.outputs)
+        self.engines = engines
+        self.waker = Waker()
+        self.stop_requests = 0
+        self._stop_deadline: float | None = None
+        self._unsettled: dict[str, float] = {}
+        self._status: dict = {}
+        self.jobs_done = 0
+
+    # -- signals --------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requests += 1
+        # A second signal gets the default action: the process ends at once.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.waker.attach_signals()
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_requests > 0
+
+    # -- status ---------------------------------------------------------------------------
+
+    def _set_status(self, state: str, job: dict | None = None, **extra) -> None:
+        self._status = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "state": state,
+            "ready": state in ("idle", "running"),
+            "engines": sorted(self.engines.engines) if self.engines else [],
+            "unavailable": dict(self.engines.missing) if self.engines else {},
+            "job": job,
+            "jobs_done": self.jobs_done,
+            "updated_at": now_iso(),
+            **extra,
+        }
+        self.inbox.write_status(self._status)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve the inbox until stopped; returns the process exit status."""
+        self.install_signal_handlers()
+        self.inbox.ensure()
+        self.inbox.lock()
+        observer = None
+        try:
+            self._set_status("loading")
+            requeued, poisoned = self.inbox.recover(MAX_ATTEMPTS)
+            if requeued:
+                log.info("requeued %d job(s) left in processing: %s", len(requeued), ", ".join(requeued))
+            for path in poisoned:
+                self._reject(path, JobError(
+                    "worker_crashed", f"the worker stopped {MAX_ATTEMPTS} times while running this job"))
+            if self.engines is None:
+                self.engines = build_engines(self.config)
+            self.engines.load()
+            if self.stopping:
+                return EXIT_OK
+            observer = self._watch()
+            self._set_status("idle")
+            log.info("worker ready: inbox %s, outputs %s", self.inbox.root, self.inbox.outputs)
+            return self._loop()
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+            self._set_status("stopped")
+            self.inbox.unlock()
+            self.waker.close()
+
+    def _watch(self):
+        observer = PollingObserver(timeout=1.0) if self.config.inbox.polling else Observer()
+        observer.schedule(_InboxEvents(self.waker), str(self.inbox.root), recursive=False)
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    def _loop(self) -> int:
+        interval = self.config.inbox.scan_interval
+        while not self.stopping:
+            try:
+                ran = self.run_pending()
+            except StopNow:
+                log.warning("stop timeout passed; the job in hand will run again at the next start")
+                return EXIT_STOP_TIMEOUT
+            if not ran and not self.stopping:
+                self.waker.wait(interval)
+        log.info("stop requested: worker exits after %d job(s)", self.jobs_done)
+        return EXIT_OK
+
+    def run_pending(self) -> int:
+        """Run every job that is ready now, oldest first; returns how many ran."""
+        ran = 0
+        for entry in self.inbox.scan():
+            if self.stopping:
+                break
+            if self._process(entry.name, entry.mtime):
+                ran += 1
+        return ran
+
+    def _ready(self, name: str, mtime: float) -> bool:
+        """A file is ready once it parses as JSON; one that does not parse for ``settle_seconds``
+        is taken anyway (and rejected)."""
+        path = self.inbox.root / name
+        try:
+            raw = path.read_bytes()
+            if len(raw) > self.config.limits.max_job_bytes:
+                return True  # rejected after the claim, without waiting
+            parse_json(raw, self.config.limits.max_job_bytes)
+            self._unsettled.pop(name, None)
+            return True
+        except FileNotFoundError:
+            return False
+        except JobError:
+            first_seen = self._unsettled.setdefault(name, time.monotonic())
+            age = min(time.time() - mtime, time.monotonic() - first_seen)
+            return age >= self.config.inbox.settle_seconds
+
+    def _process(self, name: str, mtime: float) -> bool:
+        if not self._ready(name, mtime):
+            return False
+        path = self.inbox.claim(name)
+        if path is None:
+            return False
+        self._unsettled.pop(name, None)
+        queued_s = max(0.0, time.time() - mtime)
+        stem = name[: -len(".json")]
+        data = None
+        try:
+            data = parse_json(path.read_bytes(), self.config.limits.max_job_bytes)
+            job = parse_job(data, self.config.limits, default_id=stem)
+        except JobError as exc:
+            job_id = data.get("id") if isinstance(data, dict) and is_valid_id(data.get("id")) else None
+            self._reject(path, exc, job_id or (stem if is_valid_id(stem) else None))
+            return True
+        if self.inbox.completion(job.id) is not None:
+            log.info("job %s already has a completion record: duplicate dropped", job.id)
+            self.inbox.discard(path)
+            return True
+        self._run(job, path, queued_s)
+        return True
+
+    def _reject(self, path: Path, error: JobError, job_id: str | None) -> None:
+        log.warning("rejected %s: %s [%s]", path.name, error.message, error.code)
+        self.inbox.reject(path, error, job_id)
+
+    def _resolve_seed(self, job: Job, path: Path) -> tuple[Job, int | None]:
+        """Draw the seed of a job that has none, and keep it in the job file so that a rerun after
+        a crash makes the same image."""
+        if job.engine != "flux":
+            return job, None
+        if job.spec.seed is not None:
+            return job, job.spec.seed
+        seed = draw_seed()
+        spec = job.spec.model_copy(update={"seed": seed})
+        write_atomic(path, spec_json(spec))
+        return Job(spec, job.image, job.mask), seed
+
+    def _run(self, job: Job, path: Path, queued_s: float) -> None:
+        started = time.monotonic()
+        job, seed = self._resolve_seed(job, path)
+        progress = {"id": job.id, "type": job.type, "engine": job.engine, "step": 0, "total": None,
+                    "started_at": now_iso()}
+        self._set_status("running", progress)
+
+        def on_progress(step: int, total: int) -> None:
+            progress.update(step=step, total=total)
+            self._set_status("running", progress)
+            self._check_stop()
+
+        try:
+            engine = self.engines.get(job.engine)
+            result = engine.run(job, RunContext(seed=seed, progress=on_progress))
+            run_s = time.monotonic() - started
+            self.inbox.write_output(job.output_name, png_bytes(result.image))
+            record = done_record(
+                job, seed=result.seed, width=result.image.width, height=result.image.height,
+                timings={"queued_s": queued_s, "run_s": run_s, "total_s": queued_s + run_s},
+            )
+        except StopNow:
+            raise
+        except JobError as exc:
+            record = failed_record(job.id, exc, job.type)
+        except Exception as exc:
+            record = failed_record(job.id, self._internal_error(job, exc), job.type)
+        self.inbox.finish(path, record)
+        self.jobs_done += 1
+        self._set_status("idle")
+        elapsed = time.monotonic() - started
+        if record["status"] == "done":
+            log.info("job %s type=%s engine=%s done in %.3fs (%s)", job.id, job.type, job.engine, elapsed,
+                     record["url"])
+        else:
+            err = record["error"]
+            log.warning("job %s type=%s engine=%s failed in %.3fs: %s [%s]", job.id, job.type, job.engine,
+                        elapsed, err["message"], err["code"])
+
+    def _internal_error(self, job: Job, exc: Exception) -> JobError:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return JobError("out_of_memory", "the GPU ran out of memory for this job; try a smaller size")
+        log.exception("job %s failed with an unexpected error", job.id)
+        return JobError("internal_error", f"unexpected error: {type(exc).__name__}: {exc}")
+
+    def _check_stop(self) -> None:
+        if not self.stopping:
+            return
+        now = time.monotonic()
+        if self._stop_deadline is None:
+            self._stop_deadline = now + self.config.worker.stop_timeout
+            log.info("stop requested: finishing the job in hand (at most %.0fs)", self.config.worker.stop_timeout)
+        elif now > self._stop_deadline:
+            raise StopNow()
+
+
+def run_worker(config: Config) -> int:
+    """Entry point of ``fluxworker worker``."""
+    try:
+        return Worker(config).run()
+    except WorkerBusy as exc:
+        log.error("%s", exc)
+        return 2

@@ -1,0 +1,178 @@
+"""Shared fixtures: tiny real models, per-test configs and folders, and worker subprocesses.
+
+Nothing here is faked: the models are real diffusers models at toy sizes, the folders are real,
+and workers run as real subprocesses. Only the GPU is absent; everything runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Tiny models written once per test session by the project's own writer."""
+    from fluxworker.tiny import write_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_models(root)
+    return root
+
+
+def write_config(folder: Path, tiny_dir: Path, **sections) -> Path:
+    """A config in ``folder`` that uses the session's tiny models; ``sections`` override keys."""
+    data = {
+        "paths": {"inbox": "inbox", "outputs": "outputs"},
+        "models": {"flux": str(tiny_dir / "flux"), "device": "cpu", "dtype": "float32"},
+        "limits": {"max_width": 1024, "max_height": 1024},
+        "inbox": {"scan_interval": 1.0, "settle_seconds": 2.0},
+        "worker": {"stop_timeout": 60.0, "log_level": "INFO"},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_dir) -> Path:
+    return write_config(tmp_path, tiny_dir)
+
+
+def png_b64(size=(64, 64), color=(200, 30, 30), mode="RGB", fmt="PNG", data_url=True) -> str:
+    """A real encoded image as a data URL (or bare base64)."""
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format=fmt)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    mime = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}[fmt]
+    return f"data:{mime};base64,{encoded}" if data_url else encoded
+
+
+def drop(inbox: Path, job: dict, name: str | None = None) -> Path:
+    """Drop a job file the way a producer should: temporary dotfile, then rename."""
+    name = name or f"{job['id']}.json"
+    tmp = inbox / f".{name}.tmp"
+    tmp.write_text(json.dumps(job), encoding="utf-8")
+    os.rename(tmp, inbox / name)
+    return inbox / name
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; bounded in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_record(outputs: Path, job_id: str) -> dict | None:
+    try:
+        return json.loads((outputs / f"{job_id}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_record(outputs: Path, job_id: str, timeout: float = 90.0) -> dict:
+    return wait_for(lambda: read_record(outputs, job_id), timeout, what=f"completion record of {job_id}")
+
+
+class WorkerProcess:
+    """``fluxworker worker`` as a real subprocess, with its log captured to a file."""
+
+    def __init__(self, config_file: Path):
+        self.config_file = config_file
+        self.folder = config_file.parent
+        self.log_path = self.folder / f"worker-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def status_path(self) -> Path:
+        return self.folder / "inbox" / "processing" / ".status.json"
+
+    def status(self) -> dict:
+        try:
+            return json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def start(self, wait_ready: bool = True) -> "WorkerProcess":
+        self.status_path.unlink(missing_ok=True)
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fluxworker", "worker", "--config", str(self.config_file)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+        )
+        log.close()
+        if wait_ready:
+            wait_for(
+                lambda: self.status().get("ready") or self.proc.poll() is not None,
+                timeout=120, what="worker ready",
+            )
+            assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def worker_factory():
+    """Start workers; every one still running at the end of the test is killed."""
+    started: list[WorkerProcess] = []
+
+    def start(config_file: Path, wait_ready: bool = True) -> WorkerProcess:
+        worker = WorkerProcess(config_file).start(wait_ready)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_worker(tmp_path_factory, tiny_dir):
+    """One worker for a whole test module; tests use distinct job ids."""
+    folder = tmp_path_factory.mktemp("shared")
+    worker = WorkerProcess(write_config(folder, tiny_dir)).start()
+    yield worker
+    worker.kill()
+
+
+def run_cli(*args: str, timeout: float = 120.0, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fluxworker", *args],
+        capture_output=True, text=True, timeout=timeout, **kwargs,
+    )

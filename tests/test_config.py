@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from fluxworker.config import ConfigError, load_config, parse_config
+
+
+def test_shipped_config_is_valid_and_documents_every_key():
+    config = load_config(ROOT / "config.yaml")
+    assert config.paths.inbox == (ROOT / "inbox").resolve()
+    assert config.paths.outputs == (ROOT / "outputs").resolve()
+    shipped = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for section, values in config.dump().items():
+        assert set(shipped[section]) == set(values), f"{section}: keys missing from config.yaml"
+    lines = (ROOT / "config.yaml").read_text().splitlines()
+    for number, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.endswith(":"):
+            continue  # blank, comment, or a section header
+        assert lines[number - 1].strip().startswith("#"), f"line {number + 1} has no comment: {line!r}"
+
+
+def test_defaults_fill_an_empty_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("")
+    config = load_config(path)
+    assert config.paths.inbox == tmp_path / "inbox"
+    assert config.limits.max_width == 2048
+    assert config.inbox.scan_interval == 2.0
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "config.yaml"
+    path.write_text("paths:\n  inbox: ../drop\n  outputs: out\nmodels:\n  flux: ./models/flux\n")
+    monkeypatch.chdir("/")
+    config = load_config(path)
+    assert config.paths.inbox == tmp_path / "drop"
+    assert config.paths.outputs == tmp_path / "sub" / "out"
+    assert config.models.flux == str(tmp_path / "sub" / "models" / "flux")
+
+
+def test_hub_id_is_kept_as_a_hub_id(tmp_path):
+    config = parse_config({"models": {"flux": "black-forest-labs/FLUX.1-schnell"}}, tmp_path)
+    assert config.models.flux == "black-forest-labs/FLUX.1-schnell"
+
+
+@pytest.mark.parametrize(
+    "data, key, fragment",
+    [
+        ({"paths": {"inboxx": "x"}}, "paths.inboxx", "unknown key"),
+        ({"nonsense": 1}, "nonsense", "unknown key"),
+        ({"limits": {"max_width": 100}}, "limits.max_width", "got 100"),
+        ({"limits": {"max_width": "big"}}, "limits.max_width", "got 'big'"),
+        ({"models": {"device": "tpu"}}, "models.device", "got 'tpu'"),
+        ({"inbox": {"scan_interval": 0}}, "inbox.scan_interval", "got 0"),
+        ({"worker": {"log_level": "LOUD"}}, "worker.log_level", "got 'LOUD'"),
+    ],
+)
+def test_bad_values_name_the_key_path_and_the_value(tmp_path, data, key, fragment):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, tmp_path, "cfg.yaml")
+    line = next(line for line in str(caught.value).splitlines() if line.strip().startswith(key + ":"))
+    assert fragment in line
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_config(["a"], tmp_path)
+
+
+def test_config_path_precedence_flag_then_environment_then_cwd(tmp_path, tiny_dir):
+    for name in ("flag", "env", "cwd"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(f"paths:\n  inbox: inbox-{name}\n")
+    env = {"FLUXWORKER_CONFIG": str(tmp_path / "env" / "config.yaml"), "PATH": "/usr/bin:/bin"}
+    cwd = tmp_path / "cwd"
+    flag = run_cli("check-config", "--config", str(tmp_path / "flag" / "config.yaml"), cwd=cwd, env=env)
+    assert "inbox-flag" in flag.stdout, flag.stderr
+    from_env = run_cli("check-config", cwd=cwd, env=env)
+    assert "inbox-env" in from_env.stdout, from_env.stderr
+    from_cwd = run_cli("check-config", cwd=cwd, env={"PATH": "/usr/bin:/bin"})
+    assert "inbox-cwd" in from_cwd.stdout, from_cwd.stderr
+
+
+def test_check_config_prints_the_effective_config(config_file):
+    result = run_cli("check-config", "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["paths"]["inbox"] == str(config_file.parent / "inbox")
+    assert printed["limits"]["max_prompt_length"] == 2000
+
+
+def test_check_config_fails_with_the_key_named(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("worker:\n  stop_timeout: -5\n")
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert "worker.stop_timeout" in result.stderr and "-5" in result.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    result = run_cli("check-config", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "config file not found" in result.stderr
+
+
+def test_invalid_yaml_is_reported(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("paths: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

@@ -119,9 +119,12 @@ def cmd_submit(args) -> int:
     if not args.wait:
         print(job.id)
         return 0
+    from .waiter import CompletionWaiter
+
     bar = _ProgressBar(sys.stderr)
     try:
-        record = inbox.wait(job.id, args.timeout, on_state=bar)
+        with CompletionWaiter(inbox) as waiter:
+            record = waiter.wait(job.id, args.timeout, on_state=bar)
     finally:
         bar.close()
     if record is None:
@@ -160,6 +163,7 @@ def cmd_demo(args) -> int:
     config = load_config(config_file)
     from .inbox import Inbox
     from .jobs import new_job_id, parse_job
+    from .waiter import CompletionWaiter
 
     worker = subprocess.Popen([sys.executable, "-m", "fluxworker", "worker", "--config", str(config_file)])
     try:
@@ -168,7 +172,8 @@ def cmd_demo(args) -> int:
         inbox.ensure()
         inbox.submit(job.spec)
         log.info("job %s submitted: %s", job.id, json.dumps(DEMO_JOB))
-        record = inbox.wait(job.id, args.timeout)
+        with CompletionWaiter(inbox) as waiter:
+            record = waiter.wait(job.id, args.timeout)
         if record is None or worker.poll() is not None:
             log.error("no result from the worker (exit status %s)", worker.poll())
             return EXIT_FAILED

@@ -277,25 +277,3 @@ class Inbox:
                 record = read_json(path)
                 if isinstance(record, dict):
                     yield record
-
-    def wait(self, job_id: str, timeout: float, on_state=None) -> dict | None:
-        """Wait for a job's completion record; ``None`` after ``timeout`` seconds.
-
-        Polls with a backoff from 5 ms to 200 ms, reset whenever the job's state changes, and calls
-        ``on_state`` with each new state (queued position, running step).
-        """
-        deadline = time.monotonic() + timeout
-        delay, last = 0.005, None
-        while True:
-            state = self.state_of(job_id)
-            if state is not None and state.get("status") in ("done", "failed"):
-                return state
-            if state != last:
-                last, delay = state, 0.005
-                if on_state is not None and state is not None:
-                    on_state(state)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 1.5, 0.2)

@@ -80,16 +80,36 @@ class Waker:
 
 
 class _InboxEvents(FileSystemEventHandler):
-    """File events are only hints that the inbox changed; the scan decides what is there."""
+    """File events are only hints that the inbox changed; the scan decides what is there.
 
-    def __init__(self, waker: Waker):
+    The watch is recursive although only the top folder holds queued jobs: a claim renames a file
+    into processing/, and watchdog holds back a rename whose destination it does not watch for
+    half a second, delaying every event behind it.
+    """
+
+    def __init__(self, root: Path, waker: Waker):
+        self.root = os.fspath(root)
         self.waker = waker
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        path = event.dest_path or event.src_path
-        name = os.path.basename(os.fsdecode(path))
-        if is_job_name(name):
+        path = os.fsdecode(event.dest_path or event.src_path)
+        folder, name = os.path.split(path)
+        if folder == self.root and is_job_name(name):
             self.waker.notify()
+
+
+class _ShutdownRaceFilter(logging.Filter):
+    """Drop watchdog's report of an event read while its observer stops.
+
+    Claims rename files out of the watched folder; watchdog holds such unpaired moves back and
+    releases them when the observer closes, then logs this line although nothing went wrong.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_ShutdownRaceFilter())
 
 
 class Worker:
@@ -175,7 +195,7 @@ class Worker:
 
     def _watch(self):
         observer = PollingObserver(timeout=1.0) if self.config.inbox.polling else Observer()
-        observer.schedule(_InboxEvents(self.waker), str(self.inbox.root), recursive=False)
+        observer.schedule(_InboxEvents(self.inbox.root, self.waker), str(self.inbox.root), recursive=True)
         observer.daemon = True
         observer.start()
         return observer

@@ -129,14 +129,3 @@ def test_write_atomic_leaves_no_temporary_file(tmp_path):
     write_atomic(tmp_path / "a.json", b'{"x": 1}', durable=False)
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
     assert (tmp_path / "a.json").read_bytes() == b'{"x": 1}'
-
-
-def test_wait_returns_the_record_or_none_after_the_timeout(inbox):
-    assert inbox.wait("never", timeout=0.2) is None
-    inbox.submit(spec("later"))
-    path = inbox.claim("later.json")
-    timer = threading.Timer(0.2, inbox.finish, (path, {"id": "later", "status": "done"}))
-    timer.start()
-    seen = []
-    assert inbox.wait("later", timeout=10, on_state=seen.append)["status"] == "done"
-    assert seen and seen[0]["status"] == "running"

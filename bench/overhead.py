@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""The service's own cost on the CPU with the tiny models.
+
+Measures a direct engine call, then the same job submitted through the inbox to a worker
+subprocess (submit to completion record), the throughput of a queue of jobs and the fraction of
+that time the engine was busy, and the worker's CPU use while idle.
+
+    python bench/overhead.py [--jobs 100] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import psutil  # noqa: E402  (installed with accelerate)
+import yaml  # noqa: E402
+
+from fluxworker.config import load_config  # noqa: E402
+from fluxworker.engines import RunContext  # noqa: E402
+from fluxworker.engines.flux import FluxEngine  # noqa: E402
+from fluxworker.images import png_bytes  # noqa: E402
+from fluxworker.inbox import Inbox  # noqa: E402
+from fluxworker.jobs import parse_job  # noqa: E402
+from fluxworker.tiny import write_tiny_models  # noqa: E402
+from fluxworker.waiter import CompletionWaiter  # noqa: E402
+
+JOB = {"prompt": "a tiny benchmark", "width": 64, "height": 64, "num_inference_steps": 1, "seed": 1}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def direct_calls(config, count: int) -> list[float]:
+    import torch
+
+    engine = FluxEngine(config.models.flux, device="cpu", dtype=torch.float32,
+                        no_text_suffix=config.worker.no_text_suffix)
+    engine.load()
+    times = []
+    for n in range(count + 5):
+        job = parse_job({**JOB, "id": f"direct-{n}"}, config.limits)
+        started = time.perf_counter()
+        png_bytes(engine.run(job, RunContext(seed=1)).image)
+        if n >= 5:  # warm-up
+            times.append(time.perf_counter() - started)
+    engine.close()
+    return times
+
+
+def start_worker(config_file: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "fluxworker", "worker", "--config", str(config_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    status = config_file.parent / "inbox" / "processing" / ".status.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(status.read_text()).get("ready"):
+                return proc
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("worker did not become ready")
+
+
+def inbox_latencies(config, count: int) -> list[float]:
+    inbox = Inbox(config.paths.inbox, config.paths.outputs)
+    times = []
+    with CompletionWaiter(inbox) as waiter:
+        for n in range(count + 5):
+            job = parse_job({**JOB, "id": f"lat-{n}"}, config.limits)
+            started = time.perf_counter()
+            inbox.submit(job.spec)
+            record = waiter.wait(job.id, timeout=60)
+            assert record and record["status"] == "done", record
+            if n >= 5:
+                times.append(time.perf_counter() - started)
+    return times
+
+
+def queue_throughput(config, count: int) -> tuple[float, float]:
+    inbox = Inbox(config.paths.inbox, config.paths.outputs)
+    started = time.perf_counter()
+    ids = []
+    for n in range(count):
+        job = parse_job({**JOB, "id": f"q-{n}"}, config.limits)
+        inbox.submit(job.spec)
+        ids.append(job.id)
+    with CompletionWaiter(inbox) as waiter:
+        records = [waiter.wait(job_id, timeout=300) for job_id in ids]
+    wall = time.perf_counter() - started
+    busy = sum(r["timings"]["run_s"] for r in records)
+    return count / wall, busy / wall
+
+
+def idle_cpu(pid: int, seconds: float) -> float:
+    proc = psutil.Process(pid)
+    before = proc.cpu_times()
+    time.sleep(seconds)
+    after = proc.cpu_times()
+    return 100.0 * ((after.user - before.user) + (after.system - before.system)) / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config_file = write_tiny_models(root)
+        data = yaml.safe_load(config_file.read_text())
+        config_file.write_text(yaml.safe_dump(data))
+        config = load_config(config_file)
+
+        direct = direct_calls(config, args.jobs)
+        worker = start_worker(config_file)
+        try:
+            time.sleep(1.0)
+            idle = idle_cpu(worker.pid, args.idle_seconds)
+            latency = inbox_latencies(config, args.jobs)
+            throughput, busy = queue_throughput(config, args.jobs)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+
+    direct_p50 = statistics.median(direct)
+    added = [t - direct_p50 for t in latency]
+    figures = {
+        "direct_ms_p50": 1000 * direct_p50,
+        "direct_ms_p99": 1000 * percentile(direct, 99),
+        "inbox_ms_p50": 1000 * statistics.median(latency),
+        "inbox_ms_p99": 1000 * percentile(latency, 99),
+        "inbox_added_ms_p50": 1000 * statistics.median(added),
+        "inbox_added_ms_p99": 1000 * percentile(added, 99),
+        "queue_jobs_per_s": throughput,
+        "engine_busy_fraction": busy,
+        "idle_cpu_percent": idle,
+    }
+    width = max(map(len, figures))
+    print(f"{'figure':<{width}}  value")
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

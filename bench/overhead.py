@@ -2,8 +2,9 @@
 """The service's own cost on the CPU with the tiny models.
 
 Measures a direct engine call, then the same job submitted through the inbox to a worker
-subprocess (submit to completion record), the throughput of a queue of jobs and the fraction of
-that time the engine was busy, and the worker's CPU use while idle.
+subprocess (submit to completion record) and through the HTTP API (`fluxworker api` as its own
+process: request to response), the throughput of a queue of jobs and the fraction of that time the
+engine was busy, and the CPU use of the worker and the API while idle.
 
     python bench/overhead.py [--jobs 100] [--json FILE]
 """
@@ -24,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import psutil  # noqa: E402  (installed with accelerate)
+import requests  # noqa: E402
 import yaml  # noqa: E402
 
 from fluxworker.config import load_config  # noqa: E402
@@ -36,6 +38,14 @@ from fluxworker.tiny import write_tiny_models  # noqa: E402
 from fluxworker.waiter import CompletionWaiter  # noqa: E402
 
 JOB = {"prompt": "a tiny benchmark", "width": 64, "height": 64, "num_inference_steps": 1, "seed": 1}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,20 +71,35 @@ def direct_calls(config, count: int) -> list[float]:
     return times
 
 
-def start_worker(config_file: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "fluxworker", "worker", "--config", str(config_file)],
+def start(config_file: Path, *command: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fluxworker", *command, "--config", str(config_file)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    status = config_file.parent / "inbox" / "processing" / ".status.json"
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen]) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit("a process exited early")
         try:
-            if json.loads(status.read_text()).get("ready"):
-                return proc
-        except (OSError, ValueError):
+            if requests.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
             pass
         time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("worker did not become ready")
+    raise SystemExit("the service did not become ready")
+
+
+def http_latencies(url: str, count: int) -> list[float]:
+    times = []
+    with requests.Session() as session:
+        for n in range(count + 5):
+            started = time.perf_counter()
+            response = session.post(url + "/generate", json={**JOB, "id": f"http-{n}"}, timeout=60)
+            assert response.status_code == 200, response.text
+            if n >= 5:
+                times.append(time.perf_counter() - started)
+    return times
 
 
 def inbox_latencies(config, count: int) -> list[float]:
@@ -107,12 +132,14 @@ def queue_throughput(config, count: int) -> tuple[float, float]:
     return count / wall, busy / wall
 
 
-def idle_cpu(pid: int, seconds: float) -> float:
-    proc = psutil.Process(pid)
-    before = proc.cpu_times()
+def idle_cpu(pids: list[int], seconds: float) -> float:
+    """CPU used by these processes together, in percent of one core."""
+    procs = [psutil.Process(pid) for pid in pids]
+    before = [p.cpu_times() for p in procs]
     time.sleep(seconds)
-    after = proc.cpu_times()
-    return 100.0 * ((after.user - before.user) + (after.system - before.system)) / seconds
+    after = [p.cpu_times() for p in procs]
+    used = sum((a.user - b.user) + (a.system - b.system) for a, b in zip(after, before))
+    return 100.0 * used / seconds
 
 
 def main() -> int:
@@ -129,19 +156,30 @@ def main() -> int:
         config_file.write_text(yaml.safe_dump(data))
         config = load_config(config_file)
 
+        port = free_port()
+        data["http"] = {"host": "127.0.0.1", "port": port, "max_queue": args.jobs + 10, "threads": args.jobs + 20}
+        config_file.write_text(yaml.safe_dump(data))
+        config = load_config(config_file)
+        url = f"http://127.0.0.1:{port}"
+
         direct = direct_calls(config, args.jobs)
-        worker = start_worker(config_file)
+        procs = [start(config_file, "worker"), start(config_file, "api")]
         try:
+            wait_ready(url, procs)
             time.sleep(1.0)
-            idle = idle_cpu(worker.pid, args.idle_seconds)
+            idle = idle_cpu([p.pid for p in procs], args.idle_seconds)
             latency = inbox_latencies(config, args.jobs)
+            http = http_latencies(url, args.jobs)
             throughput, busy = queue_throughput(config, args.jobs)
         finally:
-            worker.terminate()
-            worker.wait(timeout=60)
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=60)
 
     direct_p50 = statistics.median(direct)
     added = [t - direct_p50 for t in latency]
+    http_added = [t - direct_p50 for t in http]
     figures = {
         "direct_ms_p50": 1000 * direct_p50,
         "direct_ms_p99": 1000 * percentile(direct, 99),
@@ -149,6 +187,10 @@ def main() -> int:
         "inbox_ms_p99": 1000 * percentile(latency, 99),
         "inbox_added_ms_p50": 1000 * statistics.median(added),
         "inbox_added_ms_p99": 1000 * percentile(added, 99),
+        "http_ms_p50": 1000 * statistics.median(http),
+        "http_ms_p99": 1000 * percentile(http, 99),
+        "http_added_ms_p50": 1000 * statistics.median(http_added),
+        "http_added_ms_p99": 1000 * percentile(http_added, 99),
         "queue_jobs_per_s": throughput,
         "engine_busy_fraction": busy,
         "idle_cpu_percent": idle,

@@ -1,4 +1,4 @@
-"""Command line: ``fluxworker worker | submit | check-config | tiny-models | demo``."""
+"""Command line: ``fluxworker worker | api | serve | submit | check-config | tiny-models | demo``."""
 
 from __future__ import annotations
 
@@ -53,6 +53,22 @@ def cmd_worker(args) -> int:
     from .worker import run_worker
 
     return run_worker(config)
+
+
+def cmd_api(args) -> int:
+    config = _config(args)
+    _setup_logging(config.worker.log_level)
+    from .server import run_api
+
+    return run_api(config, args.port)
+
+
+def cmd_serve(args) -> int:
+    config = _config(args)
+    _setup_logging(config.worker.log_level)
+    from .server import run_serve
+
+    return run_serve(config, args.port)
 
 
 def cmd_tiny_models(args) -> int:
@@ -137,18 +153,33 @@ def cmd_submit(args) -> int:
     return EXIT_FAILED
 
 
-DEMO_JOB = {
-    "prompt": "A neon sign in a rainy street",
-    "no_text": True,
-    "width": 512,
-    "height": 512,
-    "num_inference_steps": 4,
-    "seed": 42,
-}
+DEMO_REQUEST = {"prompt": "A neon sign in a rainy street", "no_text": True, "width": 512, "height": 512, "seed": 42}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http(method: str, url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def cmd_demo(args) -> int:
-    """Start a worker on the tiny models, send it a real job, and print the image's path."""
+    """Serve the tiny models, POST the API document's example, and save the image it returns."""
     _setup_logging()
     root = Path(args.dir).resolve()
     config_file = root / "config.yaml"
@@ -160,35 +191,45 @@ def cmd_demo(args) -> int:
 
         write_tiny_models(root)
         log.info("tiny models written to %s", root)
-    config = load_config(config_file)
-    from .inbox import Inbox
-    from .jobs import new_job_id, parse_job
-    from .waiter import CompletionWaiter
-
-    worker = subprocess.Popen([sys.executable, "-m", "fluxworker", "worker", "--config", str(config_file)])
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "fluxworker", "serve", "--config", str(config_file),
+                               "--port", str(port)])
     try:
-        job = parse_job({**DEMO_JOB, "id": f"demo-{new_job_id()}"}, config.limits)
-        inbox = Inbox(config.paths.inbox, config.paths.outputs)
-        inbox.ensure()
-        inbox.submit(job.spec)
-        log.info("job %s submitted: %s", job.id, json.dumps(DEMO_JOB))
-        with CompletionWaiter(inbox) as waiter:
-            record = waiter.wait(job.id, args.timeout)
-        if record is None or worker.poll() is not None:
-            log.error("no result from the worker (exit status %s)", worker.poll())
+        deadline = time.monotonic() + args.timeout
+        while True:
+            if server.poll() is not None:
+                log.error("the service exited with status %s", server.returncode)
+                return EXIT_FAILED
+            try:
+                if _http("GET", f"{base}/ready", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                log.error("the service was not ready after %.0fs", args.timeout)
+                return EXIT_FAILED
+            time.sleep(0.2)
+        log.info("POST %s/generate %s", base, json.dumps(DEMO_REQUEST))
+        status, body = _http("POST", f"{base}/generate", DEMO_REQUEST, timeout=args.timeout)
+        print(f"HTTP {status}: {body.decode()}")
+        if status != 200:
             return EXIT_FAILED
-        print(json.dumps(record, indent=2))
-        if record["status"] != "done":
+        url = json.loads(body)["url"]
+        status, image = _http("GET", base + url)
+        if status != 200 or not image.startswith(b"\x89PNG"):
+            log.error("GET %s answered %s", url, status)
             return EXIT_FAILED
-        print(f"image: {inbox.outputs / record['file']}")
+        config = load_config(config_file)
+        print(f"image: {config.paths.outputs / url.rsplit('/', 1)[1]} ({len(image)} bytes, served at {base}{url})")
         return 0
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
             try:
-                worker.wait(timeout=60)
+                server.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                worker.kill()
+                server.kill()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("worker", help="run the resident worker on the inbox"))
     p.set_defaults(func=cmd_worker)
 
+    for name, func, text in (("api", cmd_api, "serve the HTTP API (the worker runs separately)"),
+                             ("serve", cmd_serve, "run the worker and the HTTP API together")):
+        p = with_config(sub.add_parser(name, help=text))
+        p.add_argument("--port", type=int, help="TCP port (default: http.port from the config)")
+        p.set_defaults(func=func)
+
     p = with_config(sub.add_parser("submit", help="drop a job file into the inbox atomically"))
     p.add_argument("job", help="job JSON file, or - for standard input")
     p.add_argument("--wait", action="store_true", help="wait for the result, with progress on a terminal")
@@ -216,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_tiny_models)
 
-    p = sub.add_parser("demo", help="run a job on the tiny models and print the image path")
+    p = sub.add_parser("demo", help="serve the tiny models, send a real request, print the image path")
     p.add_argument("--dir", default="demo", help="where the tiny models and the demo's folders go")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(func=cmd_demo)

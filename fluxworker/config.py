@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DEFAULT_NO_TEXT_SUFFIX = (
     "The image contains no text, no letters, no words, no captions, no signs, no watermark and no logo."
@@ -95,12 +95,38 @@ class WorkerConfig(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class HttpConfig(_Section):
+    host: str = Field("0.0.0.0", min_length=1, description="Address to listen on (0.0.0.0: the whole LAN).")
+    port: int = Field(8000, ge=1, le=65535)
+    threads: int = Field(32, ge=4, le=1024, description="Request threads; waiting requests hold one each.")
+    max_queue: int = Field(16, ge=1, le=100_000, description="Queued jobs beyond which POSTs answer 503.")
+    retry_after_per_job: Annotated[float, Field(ge=0, le=3600)] = Field(
+        2.0, description="Retry-After sent with 503: this many seconds per queued job (at least 1)."
+    )
+    max_body_bytes: int = Field(50_000_000, ge=1024, le=2_000_000_000)
+    wait_timeout: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        300.0, description="How long a POST waits for its job before answering 504 (the job goes on)."
+    )
+    cors_origins: list[str] = Field(["*"], min_length=1, description="Allowed origins; * allows all.")
+    api_key: str | None = Field(None, min_length=8, description="When set, requests need this key.")
+
+    @model_validator(mode="after")
+    def _threads_cover_the_queue(self) -> "HttpConfig":
+        if self.threads < self.max_queue + 4:
+            raise ValueError(
+                f"threads ({self.threads}) must be at least max_queue + 4 ({self.max_queue + 4}): "
+                "every queued job may have a request waiting on it"
+            )
+        return self
+
+
 class Config(_Section):
     paths: PathsConfig = PathsConfig.model_construct()
     models: ModelsConfig = ModelsConfig.model_construct()
     limits: LimitsConfig = LimitsConfig()
     inbox: InboxConfig = InboxConfig()
     worker: WorkerConfig = WorkerConfig()
+    http: HttpConfig = HttpConfig()
 
     source: Path | None = Field(None, exclude=True)
 

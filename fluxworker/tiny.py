@@ -101,6 +101,7 @@ def tiny_config(root: Path) -> dict:
         "limits": {"max_width": 1024, "max_height": 1024},
         "inbox": {"scan_interval": 2.0, "settle_seconds": 10.0},
         "worker": {"stop_timeout": 60.0},
+        "http": {"host": "127.0.0.1", "port": 8000},
     }
 
 

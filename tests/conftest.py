@@ -44,6 +44,7 @@ def write_config(folder: Path, tiny_dir: Path, **sections) -> Path:
         "limits": {"max_width": 1024, "max_height": 1024},
         "inbox": {"scan_interval": 1.0, "settle_seconds": 2.0},
         "worker": {"stop_timeout": 60.0, "log_level": "INFO"},
+        "http": {"host": "127.0.0.1"},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
@@ -176,3 +177,61 @@ def run_cli(*args: str, timeout: float = 120.0, **kwargs) -> subprocess.Complete
         [sys.executable, "-m", "fluxworker", *args],
         capture_output=True, text=True, timeout=timeout, **kwargs,
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess(WorkerProcess):
+    """``fluxworker serve`` (worker and API) or ``fluxworker api`` as a subprocess on a free port."""
+
+    def __init__(self, config_file: Path, command: str = "serve"):
+        super().__init__(config_file)
+        self.command = command
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True) -> "ServerProcess":
+        import requests
+
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fluxworker", self.command, "--config", str(self.config_file),
+             "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+        )
+        log.close()
+
+        def up():
+            if self.proc.poll() is not None:
+                return True
+            try:
+                path = "/ready" if self.command == "serve" else "/health"
+                return requests.get(self.url + path, timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        if wait_ready:
+            wait_for(up, timeout=120, interval=0.1, what=f"fluxworker {self.command} up")
+            assert self.proc.poll() is None, self.log()
+        return self
+
+
+@pytest.fixture
+def server_factory():
+    """Start servers; every one still running at the end of the test is killed."""
+    started: list[ServerProcess] = []
+
+    def start(config_file: Path, command: str = "serve") -> ServerProcess:
+        server = ServerProcess(config_file, command).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()

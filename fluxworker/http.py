@@ -1,0 +1,335 @@
+"""The HTTP API: a Bottle facade over the inbox.
+
+Each request is validated with the shared job model, written into the inbox atomically, and
+answered from its completion record. Every answer, errors included, is JSON (except the
+playground page and the images), and every answer carries the CORS headers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+import bottle
+
+from . import __version__
+from .config import Config
+from .errors import JobError
+from .inbox import Inbox
+from .jobs import is_valid_id, parse_job, parse_json
+from .openapi import openapi_document
+from .waiter import CompletionWaiter
+
+log = logging.getLogger(__name__)
+
+_OUTPUT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}\.(png|json)$")
+_MIME = {"png": "image/png", "json": "application/json"}
+_STATUS_OF_FAILURE = {
+    "engine_unavailable": 503,
+    "model_not_found": 503,
+    "out_of_memory": 503,
+    "internal_error": 500,
+    "worker_crashed": 500,
+}
+_PUBLIC_PATHS = {"/health", "/", "/playground.js"}
+
+
+class ApiError(Exception):
+    """An answer other than 2xx, as JSON: ``{"error": {"code", "message", "field"}}``."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict | None = None, extra: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers, self.extra = status, headers or {}, extra or {}
+        self.error = JobError(code, message, field)
+
+
+def _json_response(status: int, body: dict, headers: dict | None = None) -> bottle.HTTPResponse:
+    response = bottle.HTTPResponse(json.dumps(body), status=status, headers=headers or {})
+    response.content_type = "application/json"
+    return response
+
+
+class JsonBottle(bottle.Bottle):
+    """Bottle, with JSON error bodies instead of its HTML error pages."""
+
+    def default_error_handler(self, res: bottle.HTTPError):
+        if res.status_code >= 500:
+            log.error("HTTP %s on %s %s: %s\n%s", res.status_code, bottle.request.method, bottle.request.path,
+                      res.exception, res.traceback or "")
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 500: "internal_error"}
+        messages = {404: "no such resource", 405: "method not allowed on this path",
+                    500: "internal error: see the server's log"}
+        bottle.response.content_type = "application/json"
+        code = codes.get(res.status_code, "http_error")
+        message = messages.get(res.status_code, str(res.body or res.status_line))
+        return json.dumps({"error": {"code": code, "message": message, "field": None}})
+
+
+class Api:
+    """Routes and their state: one inbox, one shared waiter, the config."""
+
+    def __init__(self, config: Config, api_key: str | None = None):
+        self.config = config
+        self.http = config.http
+        self.inbox = Inbox(config.paths.inbox, config.paths.outputs)
+        self.inbox.ensure()
+        self.waiter = CompletionWaiter(self.inbox)
+        self.api_key = api_key
+        self.closing = False
+        self.app = self._routes()
+
+    def start(self) -> None:
+        self.waiter.start()
+
+    def close(self) -> None:
+        """Stop taking jobs; requests still waiting answer 503 with their job id."""
+        self.closing = True
+        self.waiter.notify()
+        self.waiter.close()
+
+    # -- WSGI: CORS, preflight, body limit and authentication around every request -----------
+
+    def __call__(self, environ, start_response):
+        origin = environ.get("HTTP_ORIGIN")
+        cors = self._cors_headers(origin)
+
+        def start(status, headers, exc_info=None):
+            return start_response(status, headers + cors, exc_info)
+
+        try:
+            if environ["REQUEST_METHOD"] == "OPTIONS" and origin is not None:
+                return self._reply(start, 204, None, {
+                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Headers": "Content-Type, Authorization, X-API-Key",
+                    "Access-Control-Max-Age": "600",
+                })
+            self._authenticate(environ)
+        except ApiError as exc:
+            return self._reply(start, exc.status, {"error": exc.error.to_dict(), **exc.extra}, exc.headers)
+        return self.app(environ, start)
+
+    def _cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
+        allowed = self.http.cors_origins
+        if "*" in allowed:
+            return [("Access-Control-Allow-Origin", "*")]
+        if origin in allowed:
+            return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        return [("Vary", "Origin")]
+
+    @staticmethod
+    def _reply(start, status: int, body: dict | None, headers: dict | None = None):
+        data = b"" if body is None else json.dumps(body).encode()
+        head = [("Content-Length", str(len(data)))]
+        if body is not None:
+            head.append(("Content-Type", "application/json"))
+        head += list((headers or {}).items())
+        start(f"{status} {bottle.HTTP_CODES.get(status, '')}".strip(), head)
+        return [data]
+
+    def _authenticate(self, environ) -> None:
+        if not self.api_key or environ.get("PATH_INFO") in _PUBLIC_PATHS:
+            return
+        given = environ.get("HTTP_X_API_KEY")
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        if given is None and auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong API key: send Authorization: Bearer <key> "
+                           "or X-API-Key", headers={"WWW-Authenticate": 'Bearer realm="fluxworker"'})
+
+    # -- routes -------------------------------------------------------------------------------
+
+    def _routes(self) -> bottle.Bottle:
+        app = JsonBottle(catchall=True)
+
+        def handle(method):
+            def wrapper(*args, **kwargs):
+                try:
+                    return method(*args, **kwargs)
+                except ApiError as exc:
+                    return _json_response(exc.status, {"error": exc.error.to_dict(), **exc.extra}, exc.headers)
+            return wrapper
+
+        app.route("/generate", "POST", handle(self.generate))
+        app.route("/upscale", "POST", handle(self.upscale))
+        app.route("/jobs", "GET", handle(self.list_jobs))
+        app.route("/jobs/<job_id>", "GET", handle(self.job_state))
+        app.route("/outputs/<name:path>", "GET", handle(self.output))
+        app.route("/health", "GET", handle(self.health))
+        app.route("/ready", "GET", handle(self.ready))
+        app.route("/openapi.json", "GET", handle(self.openapi))
+        app.route("/", "GET", handle(self.playground))
+        app.route("/playground.js", "GET", handle(self.playground_script))
+        return app
+
+    def generate(self):
+        body = self._json_body()
+        if body.get("type", "generate") != "generate":
+            raise ApiError(400, "unexpected_field", "type: POST /generate makes generate jobs", "type")
+        body["type"] = "generate"
+        return self._submit(body)
+
+    def upscale(self):
+        body = self._json_body()
+        if body.get("type", "upscale") != "upscale":
+            raise ApiError(400, "unexpected_field", "type: POST /upscale makes upscale jobs", "type")
+        body["type"] = "upscale"
+        return self._submit(body)
+
+    def _json_body(self) -> dict:
+        """The request's JSON object, within the size limit, or a 413/415/400 answer."""
+        request = bottle.request
+        ctype = (request.content_type or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
+        limit = self.http.max_body_bytes
+        if request.content_length > limit:
+            raise ApiError(413, "too_large", f"the body is larger than the limit of {limit} bytes")
+        raw = request.environ["wsgi.input"].read(request.content_length if request.content_length >= 0 else limit + 1)
+        if len(raw) > limit:
+            raise ApiError(413, "too_large", f"the body is larger than the limit of {limit} bytes")
+        try:
+            data = parse_json(raw, limit)
+        except JobError as exc:
+            raise ApiError(400, exc.code, exc.message, exc.field) from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_job", "the body must be a JSON object")
+        return data
+
+    def _submit(self, body: dict):
+        wait = body.pop("wait", True)
+        if not isinstance(wait, bool):
+            raise ApiError(400, "invalid_type", "wait: must be true or false", "wait")
+        try:
+            job = parse_job(body, self.config.limits)
+        except JobError as exc:
+            raise ApiError(400, exc.code, exc.message, exc.field) from None
+        if self.closing:
+            raise ApiError(503, "shutting_down", "the service is stopping; try again shortly",
+                           headers={"Retry-After": "5"})
+        record = self.inbox.completion(job.id)
+        if record is None and self.inbox.state_of(job.id) is None:
+            queued = len(self.inbox.scan())
+            if queued >= self.http.max_queue:
+                retry = max(1, round(queued * self.http.retry_after_per_job))
+                raise ApiError(503, "queue_full", f"{queued} jobs are waiting; try again later",
+                               headers={"Retry-After": str(retry)})
+            self.inbox.submit(job.spec)
+        status_url = f"/jobs/{job.id}"
+        if not wait and record is None:
+            return _json_response(202, {"id": job.id, "status": "queued", "status_url": status_url},
+                                  {"Location": status_url})
+        if record is None:
+            record = self.waiter.wait(job.id, self.http.wait_timeout)
+        if record is None:
+            if self.closing:
+                raise ApiError(503, "shutting_down", "the service stopped before the job finished; it stays "
+                               "queued", headers={"Retry-After": "5"}, extra={"id": job.id, "status_url": status_url})
+            raise ApiError(504, "timeout", f"the job did not finish within {self.http.wait_timeout:g}s; it goes on",
+                           extra={"id": job.id, "status_url": status_url})
+        return self._answer(record)
+
+    def _answer(self, record: dict):
+        if record.get("status") == "done":
+            body = {"url": record["url"], "id": record["id"]}
+            if record.get("type") != "upscale":
+                body["seed"] = record.get("seed")
+            return _json_response(200, body)
+        error = record.get("error") or {}
+        status = _STATUS_OF_FAILURE.get(error.get("code"), 400)
+        return _json_response(status, {"error": error, "id": record.get("id")})
+
+    def job_state(self, job_id: str):
+        state = self.inbox.state_of(job_id) if is_valid_id(job_id) else None
+        if state is None:
+            raise ApiError(404, "unknown_job", f"no job with id {job_id!r}", "id")
+        return _json_response(200, state)
+
+    def list_jobs(self):
+        """Recent completion records, newest first: ``?limit=N`` (1..100, default 20) and
+        ``?status=done|failed``."""
+        query = bottle.request.query
+        try:
+            limit = int(query.get("limit", "20"))
+        except ValueError:
+            raise ApiError(400, "invalid_type", "limit: must be an integer", "limit") from None
+        if not 1 <= limit <= 100:
+            raise ApiError(400, "out_of_range", "limit: must be from 1 to 100", "limit")
+        status = query.get("status")
+        if status not in (None, "done", "failed"):
+            raise ApiError(400, "invalid_choice", "status: must be done or failed", "status")
+        records = [r for r in self.inbox.records() if status is None or r.get("status") == status]
+        records.sort(key=lambda r: str(r.get("finished_at", "")), reverse=True)
+        return _json_response(200, {"jobs": records[:limit]})
+
+    def output(self, name: str):
+        match = _OUTPUT_NAME.match(name)
+        root = os.path.realpath(self.inbox.outputs)
+        path = os.path.realpath(os.path.join(root, name))
+        if not match or os.path.dirname(path) != root or not os.path.isfile(path):
+            raise ApiError(404, "not_found", f"no output named {name!r}", "name")
+        return bottle.static_file(
+            os.path.basename(path), root=root, mimetype=_MIME[match.group(1)],
+            headers={"Cache-Control": "public, max-age=31536000, immutable"},
+        )
+
+    def health(self):
+        return _json_response(200, {"status": "ok", "version": __version__})
+
+    def ready(self):
+        status = self.inbox.read_status() or {}
+        pid = status.get("pid")
+        alive = isinstance(pid, int) and _pid_alive(pid)
+        body = {
+            "ready": bool(alive and status.get("ready")),
+            "worker": status.get("state") if alive else "down",
+            "engines": status.get("engines", []) if alive else [],
+            "unavailable": status.get("unavailable", {}) if alive else {},
+            "queued": len(self.inbox.scan()),
+        }
+        return _json_response(200 if body["ready"] else 503, body)
+
+    def openapi(self):
+        return _json_response(200, openapi_document(self.config))
+
+    def playground(self):
+        return self._static("playground.html", "text/html; charset=utf-8")
+
+    def playground_script(self):
+        return self._static("playground.js", "text/javascript; charset=utf-8")
+
+    @staticmethod
+    def _static(name: str, mimetype: str):
+        data = resources.files("fluxworker.static").joinpath(name).read_bytes()
+        return bottle.HTTPResponse(data, headers={"Content-Type": mimetype, "Cache-Control": "no-cache"})
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_api_key(config: Config) -> str | None:
+    """The API key: ``http.api_key``, else ``$FLUXWORKER_API_KEY``, else the systemd credential
+    ``api_key`` (``$CREDENTIALS_DIRECTORY/api_key``). None: no key, the API is open."""
+    if config.http.api_key:
+        return config.http.api_key
+    if os.environ.get("FLUXWORKER_API_KEY"):
+        return os.environ["FLUXWORKER_API_KEY"]
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        path = Path(credentials, "api_key")
+        if path.is_file():
+            return path.read_text().strip() or None
+    return None

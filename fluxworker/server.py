@@ -1,0 +1,97 @@
+"""Running the HTTP API: alone (``fluxworker api``) or beside the worker (``fluxworker serve``).
+
+The API runs on cheroot, a multi-threaded WSGI server that hands the body to the application as
+a stream, so an oversized body is refused from its Content-Length before it is uploaded. Signals
+only set flags; the main thread then closes the API, whose waiting requests answer 503 with their
+job id (the jobs stay queued).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from cheroot import wsgi
+
+from .config import Config
+from .http import Api, read_api_key
+from .worker import Waker, run_worker
+
+log = logging.getLogger(__name__)
+
+
+class ApiServer:
+    """The API on its own thread, started and stopped by the caller."""
+
+    def __init__(self, config: Config, port: int | None = None):
+        self.config = config
+        self.port = port or config.http.port
+        self.api = Api(config, read_api_key(config))
+        self.server = wsgi.Server(
+            (config.http.host, self.port), self.api, numthreads=config.http.threads,
+            server_name="fluxworker", timeout=30, shutdown_timeout=5, accepted_queue_timeout=5,
+        )
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind the port (``OSError`` when it is taken), then serve on a background thread."""
+        self.api.start()
+        self.server.prepare()
+        self._thread = threading.Thread(target=self.server.serve, name="http", daemon=True)
+        self._thread.start()
+        key = "on, with an API key" if self.api.api_key else "open (no API key)"
+        log.info("API listening on http://%s:%d (%s)", self.config.http.host, self.port, key)
+
+    def stop(self) -> None:
+        self.api.close()
+        self.server.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        log.info("API stopped")
+
+
+def _start_or_explain(server: ApiServer) -> bool:
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s (http.host / http.port, or --port)",
+                  server.config.http.host, server.port, exc.strerror or exc)
+        return False
+    return True
+
+
+def run_api(config: Config, port: int | None = None) -> int:
+    """``fluxworker api``: serve until SIGTERM or SIGINT."""
+    server = ApiServer(config, port)
+    if not _start_or_explain(server):
+        return 2
+    waker = Waker()
+    stop = []
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    waker.attach_signals()
+    try:
+        while not stop:
+            waker.wait(3600)
+    finally:
+        server.stop()
+        waker.close()
+    return 0
+
+
+def run_serve(config: Config, port: int | None = None) -> int:
+    """``fluxworker serve``: the worker in the main thread, the API beside it."""
+    server = ApiServer(config, port)
+    if not _start_or_explain(server):
+        return 2
+    try:
+        return run_worker(config)
+    finally:
+        server.stop()

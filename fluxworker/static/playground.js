@@ -1,0 +1,125 @@
+// The playground uses only the public API: POST /generate with wait=false, GET /jobs/{id} for
+// progress, GET /jobs for recent outputs, GET /outputs/{name} for images.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const keyInput = $("apikey");
+keyInput.value = localStorage.getItem("fluxworker-api-key") || "";
+keyInput.addEventListener("change", () => {
+  localStorage.setItem("fluxworker-api-key", keyInput.value);
+  loadRecent();
+});
+
+function headers(extra = {}) {
+  const key = keyInput.value.trim();
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: headers(options.headers || {}) });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = body.error || {};
+    const where = error.field ? ` (${error.field})` : "";
+    throw new Error(`${error.message || response.statusText}${where}`);
+  }
+  return body;
+}
+
+// Images need the API key too when one is set, so they are fetched and shown from a blob.
+async function showImage(img, url) {
+  if (!keyInput.value.trim()) {
+    img.src = url;
+    return;
+  }
+  const response = await fetch(url, { headers: headers() });
+  img.src = URL.createObjectURL(await response.blob());
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function follow(id) {
+  const bar = $("progress");
+  bar.hidden = false;
+  const deadline = Date.now() + 30 * 60 * 1000;
+  while (Date.now() < deadline) {
+    const state = await api(`/jobs/${encodeURIComponent(id)}`);
+    if (state.status === "done") return state;
+    if (state.status === "failed") throw new Error(`${state.error.message} [${state.error.code}]`);
+    if (state.status === "queued") {
+      setStatus(`Queued, position ${state.position}`);
+      bar.removeAttribute("value");
+    } else {
+      setStatus(`Running: step ${state.step} of ${state.total ?? "?"}`);
+      bar.max = state.total || 1;
+      bar.value = state.step || 0;
+    }
+    await sleep(250);
+  }
+  throw new Error("no result after 30 minutes");
+}
+
+$("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const button = $("generate");
+  button.disabled = true;
+  const job = {
+    prompt: $("prompt").value,
+    width: Number($("width").value),
+    height: Number($("height").value),
+    num_inference_steps: Number($("steps").value),
+    performance_mode: $("mode").value,
+    no_text: $("no_text").checked,
+    seed: $("seed").value === "" ? null : Number($("seed").value),
+    wait: false,
+  };
+  try {
+    setStatus("Sending...");
+    const accepted = await api("/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(job),
+    });
+    const done = await follow(accepted.id);
+    const img = document.createElement("img");
+    img.id = "result-image";
+    img.alt = job.prompt;
+    await showImage(img, done.url);
+    $("result").replaceChildren(img);
+    setStatus(`Done in ${done.timings.total_s.toFixed(2)} s, seed ${done.seed}`);
+    loadRecent();
+  } catch (error) {
+    setStatus(error.message, true);
+  } finally {
+    $("progress").hidden = true;
+    button.disabled = false;
+  }
+});
+
+async function loadRecent() {
+  try {
+    const { jobs } = await api("/jobs?status=done&limit=12");
+    const figures = await Promise.all(jobs.map(async (job) => {
+      const figure = document.createElement("figure");
+      const img = document.createElement("img");
+      img.alt = job.id;
+      img.title = `seed ${job.seed ?? "-"}`;
+      img.addEventListener("click", () => window.open(job.url, "_blank"));
+      await showImage(img, job.url);
+      const caption = document.createElement("figcaption");
+      caption.textContent = `${job.width}x${job.height}, seed ${job.seed ?? "-"}`;
+      figure.append(img, caption);
+      return figure;
+    }));
+    $("recent").replaceChildren(...figures);
+  } catch (error) {
+    $("recent").textContent = `Cannot list outputs: ${error.message}`;
+  }
+}
+
+loadRecent();

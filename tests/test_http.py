@@ -1,0 +1,408 @@
+"""The HTTP API on a real server (cheroot) on a free 127.0.0.1 port, with the tiny models."""
+
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import threading
+
+import pytest
+import requests
+from PIL import Image
+
+from conftest import ServerProcess, png_b64, read_record, wait_for, wait_record, write_config
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_dir):
+    folder = tmp_path_factory.mktemp("api")
+    config = write_config(folder, tiny_dir, http={"max_body_bytes": 1_000_000, "threads": 40, "max_queue": 30})
+    server = ServerProcess(config).start()
+    yield server
+    server.kill()
+
+
+def post(server, path, body, **kwargs):
+    return requests.post(server.url + path, json=body, timeout=120, **kwargs)
+
+
+def fetch_image(server, url) -> Image.Image:
+    response = requests.get(server.url + url, timeout=30)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "image/png"
+    return Image.open(io.BytesIO(response.content))
+
+
+def assert_error(response, status, code, field=None):
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    assert error["field"] == field
+    assert error["message"]
+    return error
+
+
+# -- the API document's own examples ------------------------------------------------------------
+
+
+def test_the_documents_javascript_example(server):
+    response = post(server, "/generate", {
+        "prompt": "A neon sign in a rainy street", "no_text": True, "width": 512, "height": 512})
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) >= {"url", "seed"}
+    assert body["url"].startswith("/outputs/") and body["url"].endswith(".png")
+    assert isinstance(body["seed"], int)
+    assert fetch_image(server, body["url"]).size == (512, 512)
+
+
+def test_the_documents_python_example_uses_the_default_size(server):
+    response = post(server, "/generate", {
+        "prompt": "An oil painting of a cat", "num_inference_steps": 4, "performance_mode": "fast"})
+    assert response.status_code == 200
+    assert fetch_image(server, response.json()["url"]).size == (1024, 1024)
+
+
+WAITS_FOR_ENGINES = pytest.mark.xfail(strict=True, reason="the upscaler and eraser engines are not built yet")
+
+
+@WAITS_FOR_ENGINES
+def test_the_documents_upscale_example(server):
+    response = post(server, "/upscale", {"image": png_b64((32, 24))})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["url"].startswith("/outputs/upscale_") and body["url"].endswith(".png")
+    assert "seed" not in body
+    assert fetch_image(server, body["url"]).size == (128, 96)
+
+
+# -- fields and defaults -------------------------------------------------------------------------
+
+
+def test_defaults_are_the_documented_ones(server):
+    implicit = post(server, "/generate", {"prompt": "defaults", "seed": 5, "width": 64, "height": 64}).json()
+    explicit = post(server, "/generate", {
+        "prompt": "defaults", "seed": 5, "width": 64, "height": 64, "num_inference_steps": 4, "no_text": False,
+        "performance_mode": "balanced", "image": None, "mask": None, "strength": 0.6, "model": "flux"}).json()
+    assert implicit["url"] != explicit["url"]
+    a = requests.get(server.url + implicit["url"], timeout=30).content
+    b = requests.get(server.url + explicit["url"], timeout=30).content
+    assert a == b
+
+
+def test_the_returned_seed_reproduces_the_image(server):
+    first = post(server, "/generate", {"prompt": "reproduce me", "width": 128, "height": 64}).json()
+    again = post(server, "/generate", {"prompt": "reproduce me", "width": 128, "height": 64,
+                                       "seed": first["seed"]}).json()
+    other = post(server, "/generate", {"prompt": "reproduce me", "width": 128, "height": 64,
+                                       "seed": (first["seed"] + 1) % 2**32}).json()
+    images = [requests.get(server.url + r["url"], timeout=30).content for r in (first, again, other)]
+    assert images[0] == images[1] != images[2]
+
+
+def test_image_to_image_and_flux_inpainting(server):
+    img2img = post(server, "/generate", {"prompt": "x", "image": png_b64((90, 60)), "strength": 0.5,
+                                         "width": 128, "height": 64})
+    assert img2img.status_code == 200, img2img.text
+    assert fetch_image(server, img2img.json()["url"]).size == (128, 64)
+    inpaint = post(server, "/generate", {"prompt": "x", "image": png_b64((64, 64)), "model": "flux",
+                                         "mask": png_b64((64, 64), color=(255, 255, 255)), "width": 64, "height": 64})
+    assert inpaint.status_code == 200, inpaint.text
+
+
+@WAITS_FOR_ENGINES
+def test_lama_erase_through_the_api(server):
+    image = png_b64((40, 30), color=(10, 200, 10))
+    mask = png_b64((40, 30), color=(0, 0, 0))
+    response = post(server, "/generate", {"model": "lama", "image": image, "mask": mask})
+    assert response.status_code == 200, response.text
+    assert fetch_image(server, response.json()["url"]).size == (40, 30)
+
+
+def test_an_id_makes_a_post_idempotent(server):
+    body = {"id": "idem-1", "prompt": "x", "width": 64, "height": 64}
+    first = post(server, "/generate", body).json()
+    second = post(server, "/generate", {**body, "seed": 1}).json()
+    assert first == second
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_malformed_json_is_400(server):
+    response = requests.post(server.url + "/generate", data=b"{not json",
+                             headers={"Content-Type": "application/json"}, timeout=30)
+    assert_error(response, 400, "invalid_json")
+
+
+def test_a_body_that_is_not_an_object_is_400(server):
+    assert_error(post(server, "/generate", [1, 2]), 400, "invalid_job")
+
+
+def test_a_wrong_content_type_is_415(server):
+    response = requests.post(server.url + "/generate", data="prompt=x",
+                             headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert_error(response, 415, "unsupported_media_type")
+
+
+def test_an_oversized_body_is_413(server):
+    response = post(server, "/generate", {"prompt": "x", "image": "A" * 1_200_000})
+    assert_error(response, 413, "too_large")
+
+
+def test_field_errors_are_400_with_the_field(server):
+    assert_error(post(server, "/generate", {"prompt": "x", "num_inference_steps": 11}), 400, "out_of_range",
+                 "num_inference_steps")
+    assert_error(post(server, "/generate", {"prompt": "x", "width": 100}), 400, "not_multiple_of_64", "width")
+    assert_error(post(server, "/generate", {}), 400, "missing_field", "prompt")
+    assert_error(post(server, "/generate", {"prompt": "x", "image": "@@"}), 400, "invalid_base64", "image")
+    assert_error(post(server, "/generate", {"prompt": "x", "wait": "no"}), 400, "invalid_type", "wait")
+    assert_error(post(server, "/upscale", {"image": png_b64(), "prompt": "x"}), 400, "unexpected_field", "prompt")
+    assert_error(post(server, "/upscale", {}), 400, "missing_field", "image")
+    assert_error(post(server, "/generate", {"type": "upscale", "image": png_b64()}), 400, "unexpected_field", "type")
+
+
+def test_unknown_fields_are_rejected(server):
+    assert_error(post(server, "/generate", {"prompt": "x", "steps": 4}), 400, "unknown_field", "steps")
+
+
+def test_unknown_paths_and_methods_are_json(server):
+    assert_error(requests.get(server.url + "/nowhere", timeout=30), 404, "not_found")
+    response = requests.put(server.url + "/generate", timeout=30)
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def raw_get(server, path):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    return response.status, body
+
+
+@pytest.mark.parametrize("path", [
+    "/outputs/../config.yaml", "/outputs/..%2Fconfig.yaml", "/outputs/%2e%2e/config.yaml",
+    "/outputs/%2e%2e%2fconfig.yaml", "/outputs//etc/passwd", "/outputs/%2Fetc%2Fpasswd",
+    "/outputs/..%5cconfig.yaml", "/outputs/.status.json", "/outputs/escape.png", "/outputs/inside-link.png",
+])
+def test_outputs_never_leave_the_outputs_folder(server, path):
+    outputs = server.folder / "outputs"
+    if not (outputs / "escape.png").is_symlink():
+        (server.folder / "secret.png").write_bytes(b"secret")
+        os.symlink(server.folder / "secret.png", outputs / "escape.png")
+        (outputs / "sub").mkdir(exist_ok=True)
+        (outputs / "sub" / "x.png").write_bytes(b"x")
+        os.symlink(outputs / "sub", outputs / "inside-link.png")
+    status, body = raw_get(server, path)
+    assert status == 404, (path, body)
+    assert json.loads(body)["error"]["code"] == "not_found"
+    assert b"secret" not in body
+
+
+def test_outputs_have_content_type_and_cache_headers(server):
+    body = post(server, "/generate", {"prompt": "cache me", "width": 64, "height": 64}).json()
+    response = requests.get(server.url + body["url"], timeout=30)
+    assert response.headers["Content-Type"] == "image/png"
+    assert "immutable" in response.headers["Cache-Control"]
+    again = requests.get(server.url + body["url"], headers={"If-Modified-Since": response.headers["Last-Modified"]},
+                         timeout=30)
+    assert again.status_code == 304
+    record = requests.get(server.url + body["url"].replace(".png", ".json"), timeout=30)
+    assert record.headers["Content-Type"].startswith("application/json") and record.json()["status"] == "done"
+
+
+# -- jobs, health, readiness, description --------------------------------------------------------
+
+
+def test_wait_false_answers_202_and_the_job_can_be_followed(server):
+    response = post(server, "/generate", {"prompt": "follow me", "width": 1024, "height": 1024,
+                                          "num_inference_steps": 10, "wait": False})
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "queued" and response.headers["Location"] == body["status_url"]
+    seen = []
+
+    def state():
+        current = requests.get(server.url + body["status_url"], timeout=30).json()
+        seen.append(current)
+        return current["status"] in ("done", "failed") and current
+
+    final = wait_for(state, timeout=120, interval=0.05, what="job done")
+    assert final["status"] == "done" and final["url"] == f"/outputs/{body['id']}.png"
+    running = [s for s in seen if s["status"] == "running"]
+    assert running and all(s["total"] in (None, 10) for s in running)
+    assert any(s["step"] >= 1 for s in running)
+
+
+def test_unknown_job_is_404_and_distinct_from_pending(server):
+    assert_error(requests.get(server.url + "/jobs/never-submitted", timeout=30), 404, "unknown_job", "id")
+    assert_error(requests.get(server.url + "/jobs/bad%20id", timeout=30), 404, "unknown_job", "id")
+
+
+def test_failed_jobs_are_reported_with_their_error(server):
+    (server.folder / "inbox" / "bad-drop.json").write_text('{"id": "bad-drop", "prompt": "x", "width": 100}')
+    wait_record(server.folder / "outputs", "bad-drop")
+    state = requests.get(server.url + "/jobs/bad-drop", timeout=30).json()
+    assert state["status"] == "failed" and state["error"]["field"] == "width"
+
+
+def test_recent_jobs_list(server):
+    post(server, "/generate", {"prompt": "listed", "width": 64, "height": 64, "id": "listed-1"})
+    jobs = requests.get(server.url + "/jobs?status=done&limit=5", timeout=30).json()["jobs"]
+    assert 1 <= len(jobs) <= 5 and all(j["status"] == "done" for j in jobs)
+    assert jobs[0]["id"] == "listed-1"
+    assert_error(requests.get(server.url + "/jobs?limit=0", timeout=30), 400, "out_of_range", "limit")
+
+
+def test_health_ready_and_openapi(server):
+    assert requests.get(server.url + "/health", timeout=30).json()["status"] == "ok"
+    ready = requests.get(server.url + "/ready", timeout=30)
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    doc = requests.get(server.url + "/openapi.json", timeout=30).json()
+    assert doc["openapi"].startswith("3.")
+    assert {"/generate", "/upscale", "/jobs/{id}", "/outputs/{name}", "/health", "/ready"} <= set(doc["paths"])
+    props = doc["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert props["num_inference_steps"]["default"] == 4 and props["strength"]["default"] == 0.6
+    assert props["width"]["maximum"] == 1024
+
+
+def test_twenty_concurrent_requests_all_complete(server):
+    results = [None] * 20
+
+    def call(n):
+        results[n] = post(server, "/generate", {"prompt": f"crowd {n}", "width": 64, "height": 64, "seed": n})
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert [r.status_code for r in results] == [200] * 20
+    assert len({r.json()["url"] for r in results}) == 20
+
+
+def test_cors_preflight_and_headers_on_errors(server):
+    response = requests.options(server.url + "/generate", headers={
+        "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"}, timeout=30)
+    assert response.status_code == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    assert "Content-Type" in response.headers["Access-Control-Allow-Headers"]
+
+
+# -- configurations of their own -----------------------------------------------------------------
+
+
+def test_queue_limit_answers_503_with_retry_after(tmp_path, tiny_dir, server_factory):
+    config = write_config(tmp_path, tiny_dir, http={"max_queue": 2, "threads": 8})
+    api = server_factory(config, command="api")  # no worker: jobs stay queued
+    for n in range(2):
+        assert post(api, "/generate", {"prompt": f"q{n}", "wait": False}).status_code == 202
+    error = assert_error(post(api, "/generate", {"prompt": "one too many", "wait": False}), 503, "queue_full")
+    response = post(api, "/generate", {"prompt": "one too many"})
+    assert int(response.headers["Retry-After"]) >= 1
+    assert "2 jobs" in error["message"]
+    assert requests.get(api.url + "/ready", timeout=30).status_code == 503
+
+
+def test_a_job_that_outlasts_the_wait_gets_504_and_still_finishes(tmp_path, tiny_dir, server_factory,
+                                                                    worker_factory):
+    config = write_config(tmp_path, tiny_dir, http={"wait_timeout": 0.5})
+    api = server_factory(config, command="api")
+    response = post(api, "/generate", {"prompt": "late", "width": 64, "height": 64})
+    assert_error(response, 504, "timeout")
+    job_id = response.json()["id"]
+    assert requests.get(api.url + f"/jobs/{job_id}", timeout=30).json()["status"] == "queued"
+    worker_factory(config)
+    assert wait_record(tmp_path / "outputs", job_id)["status"] == "done"
+    assert requests.get(api.url + f"/jobs/{job_id}", timeout=30).json()["status"] == "done"
+
+
+def test_api_key(tmp_path, tiny_dir, server_factory):
+    config = write_config(tmp_path, tiny_dir, http={"api_key": "s3cret-key"})
+    api = server_factory(config, command="api")
+    assert_error(requests.get(api.url + "/jobs", timeout=30), 401, "unauthorized")
+    assert requests.get(api.url + "/jobs", headers={"Authorization": "Bearer wrong-key"}, timeout=30).status_code == 401
+    assert requests.get(api.url + "/jobs", headers={"Authorization": "Bearer s3cret-key"}, timeout=30).status_code == 200
+    assert requests.get(api.url + "/jobs", headers={"X-API-Key": "s3cret-key"}, timeout=30).status_code == 200
+    assert requests.get(api.url + "/health", timeout=30).status_code == 200
+    assert requests.options(api.url + "/generate", headers={"Origin": "http://x"}, timeout=30).status_code == 204
+    assert requests.get(api.url + "/", timeout=30).status_code == 200
+    assert post(api, "/generate", {"prompt": "x", "wait": False}).status_code == 401
+    assert post(api, "/generate", {"prompt": "x", "wait": False},
+                headers={"X-API-Key": "s3cret-key"}).status_code == 202
+
+
+def test_api_key_from_the_environment_and_a_systemd_credential(tmp_path, tiny_dir):
+    from fluxworker.config import load_config
+    from fluxworker.http import read_api_key
+
+    config = load_config(write_config(tmp_path, tiny_dir))
+    assert read_api_key(config) is None
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "api_key").write_text("from-credential\n")
+    os.environ["CREDENTIALS_DIRECTORY"] = str(tmp_path / "creds")
+    try:
+        assert read_api_key(config) == "from-credential"
+        os.environ["FLUXWORKER_API_KEY"] = "from-env"
+        assert read_api_key(config) == "from-env"
+    finally:
+        os.environ.pop("CREDENTIALS_DIRECTORY", None)
+        os.environ.pop("FLUXWORKER_API_KEY", None)
+
+
+def test_cors_origins_can_be_restricted(tmp_path, tiny_dir, server_factory):
+    config = write_config(tmp_path, tiny_dir, http={"cors_origins": ["http://app.lan:5173"]})
+    api = server_factory(config, command="api")
+    allowed = requests.get(api.url + "/health", headers={"Origin": "http://app.lan:5173"}, timeout=30)
+    assert allowed.headers["Access-Control-Allow-Origin"] == "http://app.lan:5173"
+    other = requests.get(api.url + "/health", headers={"Origin": "http://evil.example"}, timeout=30)
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path, tiny_dir, server_factory):
+    server = server_factory(write_config(tmp_path, tiny_dir))
+    assert post(server, "/generate", {"prompt": "x", "width": 64, "height": 64}).status_code == 200
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0
+    assert "API stopped" in server.log()
+
+
+def test_api_alone_stops_cleanly_on_sigterm(tmp_path, tiny_dir, server_factory):
+    api = server_factory(write_config(tmp_path, tiny_dir), command="api")
+    api.proc.send_signal(signal.SIGTERM)
+    assert api.proc.wait(timeout=60) == 0
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path, tiny_dir, server_factory):
+    first = server_factory(write_config(tmp_path / "a", tiny_dir), command="api")
+    second = ServerProcess(write_config(tmp_path / "b", tiny_dir), command="api")
+    second.port, second.url = first.port, first.url
+    second.start(wait_ready=False)
+    assert second.proc.wait(timeout=60) == 2
+    assert "cannot listen" in second.log()
+
+
+def test_the_readme_demo_command_makes_a_real_image_through_the_api(tmp_path, tiny_dir):
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(tiny_dir / "flux", tmp_path / "demo" / "flux")
+    from fluxworker.tiny import tiny_config
+    import yaml
+
+    (tmp_path / "demo" / "config.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path / "demo")))
+    result = subprocess.run([sys.executable, "-m", "fluxworker", "demo", "--dir", str(tmp_path / "demo")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("HTTP 200")
+    path = result.stdout.split("image: ", 1)[1].split(" (", 1)[0]
+    assert Image.open(path).size == (512, 512)

@@ -1,4 +1,4 @@
-"""Command line: ``fluxworker worker | api | serve | submit | check-config | tiny-models | demo``."""
+"""Command line: ``fluxworker worker | api | serve | submit | status | info | check-config | tiny-models | demo``."""
 
 from __future__ import annotations
 
@@ -81,6 +81,83 @@ def cmd_tiny_models(args) -> int:
     started = time.monotonic()
     path = write_tiny_models(args.dir)
     print(f"tiny models written in {time.monotonic() - started:.1f}s; config: {path}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    """The queue, the running job and the last results, from the folders."""
+    from .inbox import Inbox
+
+    config = _config(args)
+    inbox = Inbox(config.paths.inbox, config.paths.outputs)
+    status = inbox.read_status() or {}
+    queue = inbox.scan()
+    records = sorted(inbox.records(), key=lambda r: str(r.get("finished_at", "")), reverse=True)
+    if args.json:
+        print(json.dumps({"worker": status, "queued": [e.name[:-5] for e in queue],
+                          "recent": records[: args.last]}, indent=2))
+        return 0
+    state = status.get("state", "never started")
+    pid = status.get("pid")
+    alive = False
+    if isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+    print(f"worker: {state if alive or state == 'stopped' else f'{state} (process {pid} is gone)'}"
+          + (f", pid {pid}" if alive else ""))
+    for engine, reason in (status.get("unavailable") or {}).items():
+        print(f"  {engine} unavailable: {reason}")
+    job = status.get("job")
+    if alive and job:
+        print(f"running: {job['id']} ({job['type']}, {job['engine']}) step {job.get('step')}/{job.get('total') or '?'}")
+    print(f"queued: {len(queue)}" + (": " + ", ".join(e.name[:-5] for e in queue[:10]) if queue else ""))
+    if len(queue) > 10:
+        print(f"  ... and {len(queue) - 10} more")
+    print(f"last {min(args.last, len(records))} results:")
+    for record in records[: args.last]:
+        if record.get("status") == "done":
+            detail = f"{record.get('url')} seed={record.get('seed')} in {record.get('timings', {}).get('run_s', 0):.2f}s"
+        else:
+            error = record.get("error") or {}
+            detail = f"{error.get('code')}: {error.get('message')}"
+        print(f"  {record.get('finished_at', '?')}  {record.get('id')}  {record.get('status')}  {detail}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    """The parameters stored in an image, and the job that makes it again."""
+    from .metadata import read_parameters
+
+    try:
+        found = read_parameters(args.image)
+    except (OSError, ValueError) as exc:
+        print(f"cannot read {args.image}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    document = found["fluxworker"]
+    if args.job:
+        if not document:
+            print(f"{args.image} carries no fluxworker parameters", file=sys.stderr)
+            return EXIT_FAILED
+        print(json.dumps(document["job"], indent=2))
+        return 0
+    if found["parameters"] is None and document is None:
+        print(f"{args.image} carries no generation parameters", file=sys.stderr)
+        return EXIT_FAILED
+    if found["parameters"] is not None:
+        print(found["parameters"])
+    if document is not None:
+        print()
+        print("job (fluxworker info --job IMAGE > job.json; fluxworker submit job.json):")
+        print(json.dumps(document["job"], indent=2))
+        if document.get("inputs"):
+            print("input images (SHA-256; add them back as image/mask to rerun):")
+            for name, digest in document["inputs"].items():
+                print(f"  {name}: {digest}")
     return 0
 
 
@@ -258,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("check-config", help="validate the config and print the effective values"))
     p.set_defaults(func=cmd_check_config)
+
+    p = with_config(sub.add_parser("status", help="print the queue, the running job and the last results"))
+    p.add_argument("--last", type=int, default=5, help="how many recent results (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("info", help="print the parameters stored in an output image")
+    p.add_argument("image")
+    p.add_argument("--job", action="store_true", help="print only the job JSON that makes the image again")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("tiny-models", help="write tiny random models and DIR/config.yaml")
     p.add_argument("dir")

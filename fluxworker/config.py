@@ -120,6 +120,28 @@ class HttpConfig(_Section):
         return self
 
 
+class RetentionConfig(_Section):
+    max_age_days: Annotated[float, Field(gt=0, le=36_500)] | None = Field(
+        None, description="Remove outputs and failed files older than this; null keeps them."
+    )
+    max_total_mb: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Remove the oldest outputs and failed files beyond this total; null: no limit."
+    )
+    interval: Annotated[float, Field(ge=10, le=86_400)] = Field(3600.0, description="Seconds between checks.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_age_days is not None or self.max_total_mb is not None
+
+    @property
+    def max_age_seconds(self) -> float | None:
+        return None if self.max_age_days is None else self.max_age_days * 86_400
+
+    @property
+    def max_total_bytes(self) -> int | None:
+        return None if self.max_total_mb is None else int(self.max_total_mb * 1_000_000)
+
+
 class Config(_Section):
     paths: PathsConfig = PathsConfig.model_construct()
     models: ModelsConfig = ModelsConfig.model_construct()
@@ -127,6 +149,7 @@ class Config(_Section):
     inbox: InboxConfig = InboxConfig()
     worker: WorkerConfig = WorkerConfig()
     http: HttpConfig = HttpConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     source: Path | None = Field(None, exclude=True)
 

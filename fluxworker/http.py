@@ -13,12 +13,12 @@ import logging
 import os
 import re
 from importlib import resources
-from pathlib import Path
 
 import bottle
 
 from . import __version__
 from .config import Config
+from .credentials import read_secret
 from .errors import JobError
 from .inbox import Inbox
 from .jobs import is_valid_id, parse_job, parse_json
@@ -164,6 +164,7 @@ class Api:
         app.route("/health", "GET", handle(self.health))
         app.route("/ready", "GET", handle(self.ready))
         app.route("/openapi.json", "GET", handle(self.openapi))
+        app.route("/metrics", "GET", handle(self.metrics))
         app.route("/", "GET", handle(self.playground))
         app.route("/playground.js", "GET", handle(self.playground_script))
         return app
@@ -206,6 +207,9 @@ class Api:
         wait = body.pop("wait", True)
         if not isinstance(wait, bool):
             raise ApiError(400, "invalid_type", "wait: must be true or false", "wait")
+        if "transport" in body:
+            raise ApiError(400, "unknown_field", "transport: unknown field", "transport")
+        body["transport"] = "http"
         try:
             job = parse_job(body, self.config.limits)
         except JobError as exc:
@@ -295,6 +299,12 @@ class Api:
         }
         return _json_response(200 if body["ready"] else 503, body)
 
+    def metrics(self):
+        from .metrics import render
+
+        return bottle.HTTPResponse(render(self.inbox), headers={
+            "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
     def openapi(self):
         return _json_response(200, openapi_document(self.config))
 
@@ -322,14 +332,5 @@ def _pid_alive(pid: int) -> bool:
 
 def read_api_key(config: Config) -> str | None:
     """The API key: ``http.api_key``, else ``$FLUXWORKER_API_KEY``, else the systemd credential
-    ``api_key`` (``$CREDENTIALS_DIRECTORY/api_key``). None: no key, the API is open."""
-    if config.http.api_key:
-        return config.http.api_key
-    if os.environ.get("FLUXWORKER_API_KEY"):
-        return os.environ["FLUXWORKER_API_KEY"]
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if credentials:
-        path = Path(credentials, "api_key")
-        if path.is_file():
-            return path.read_text().strip() or None
-    return None
+    ``api_key``. None: no key, the API is open."""
+    return config.http.api_key or read_secret("api_key", "FLUXWORKER_API_KEY")

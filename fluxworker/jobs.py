@@ -48,6 +48,9 @@ class JobSpec(BaseModel):
     mask: str | None = Field(None, description="Inpainting mask, white = repaint: data URL or base64.")
     strength: float = Field(0.6, ge=0.01, le=1.0, description="How far img2img/inpaint moves from the image.")
     model: Literal["flux", "lama"] = Field("flux", description="Inpainting engine: flux or lama (eraser).")
+    transport: Literal["inbox", "http", "mqtt"] = Field(
+        "inbox", description="How the job arrived; the HTTP and MQTT transports set it themselves."
+    )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ def _request_schemas(config: Config) -> tuple[dict, dict]:
     job = JobSpec.model_json_schema()
     props = copy.deepcopy(job["properties"])
     props.pop("type")
+    props.pop("transport")
     props["width"]["maximum"] = config.limits.max_width
     props["height"]["maximum"] = config.limits.max_height
     props["prompt"]["description"] += " Required unless model is lama."
@@ -86,6 +87,10 @@ def openapi_document(config: Config) -> dict:
                                "responses": {"200": {"description": "Ready."}, "503": {"description": "Not ready."},
                                              "401": common["401"]}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI."}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics: jobs, durations, queue, GPU memory",
+                                 "responses": {"200": {"description": "Text exposition format.",
+                                                       "content": {"text/plain": {}}},
+                                               "401": common["401"]}}},
         },
         "components": {
             "schemas": {

@@ -16,6 +16,7 @@ from cheroot import wsgi
 
 from .config import Config
 from .http import Api, read_api_key
+from .systemd import notify
 from .worker import Waker, run_worker
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,6 @@ def _start_or_explain(server: ApiServer) -> bool:
 
 def run_api(config: Config, port: int | None = None) -> int:
     """``fluxworker api``: serve until SIGTERM or SIGINT."""
-    server = ApiServer(config, port)
-    if not _start_or_explain(server):
-        return 2
     waker = Waker()
     stop = []
 
@@ -77,13 +75,18 @@ def run_api(config: Config, port: int | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     waker.attach_signals()
+    server = ApiServer(config, port)
     try:
+        if not _start_or_explain(server):
+            return 2
+        notify(f"READY=1\nSTATUS=listening on port {server.port}")
         while not stop:
             waker.wait(3600)
-    finally:
+        notify("STOPPING=1")
         server.stop()
+        return 0
+    finally:
         waker.close()
-    return 0
 
 
 def run_serve(config: Config, port: int | None = None) -> int:

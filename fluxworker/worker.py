@@ -29,6 +29,10 @@ from .errors import JobError
 from .images import png_bytes
 from .inbox import Inbox, WorkerBusy, is_job_name, write_atomic
 from .jobs import Job, done_record, draw_seed, failed_record, is_valid_id, now_iso, parse_job, parse_json, spec_json
+from .metadata import job_parameters
+from .metrics import SNAPSHOT_NAME, JobMetrics
+from .retention import enforce as enforce_retention
+from .systemd import notify
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,8 @@ class Worker:
         self._unsettled: dict[str, float] = {}
         self._status: dict = {}
         self.jobs_done = 0
+        self.metrics = JobMetrics(self.inbox.processing / SNAPSHOT_NAME)
+        self._next_retention = 0.0
 
     # -- signals --------------------------------------------------------------------------
 
@@ -179,13 +185,17 @@ class Worker:
             if self.engines is None:
                 self.engines = build_engines(self.config)
             self.engines.load()
+            self.metrics.model_load_seconds = dict(self.engines.load_seconds)
+            self.metrics.save()
             if self.stopping:
                 return EXIT_OK
             observer = self._watch()
             self._set_status("idle")
             log.info("worker ready: inbox %s, outputs %s", self.inbox.root, self.inbox.outputs)
+            notify(f"READY=1\nSTATUS=ready: engines {', '.join(sorted(self.engines.engines)) or 'none'}")
             return self._loop()
         finally:
+            notify("STOPPING=1")
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
@@ -208,10 +218,22 @@ class Worker:
             except StopNow:
                 log.warning("stop timeout passed; the job in hand will run again at the next start")
                 return EXIT_STOP_TIMEOUT
+            self._maintain()
             if not ran and not self.stopping:
                 self.waker.wait(interval)
         log.info("stop requested: worker exits after %d job(s)", self.jobs_done)
         return EXIT_OK
+
+    def _maintain(self) -> None:
+        """Periodic upkeep between jobs: retention of outputs and failed files."""
+        rules = self.config.retention
+        if not rules.enabled or time.monotonic() < self._next_retention:
+            return
+        self._next_retention = time.monotonic() + rules.interval
+        try:
+            enforce_retention(self.inbox, rules.max_age_seconds, rules.max_total_bytes)
+        except OSError as exc:
+            log.warning("retention could not run: %s", exc)
 
     def run_pending(self) -> int:
         """Run every job that is ready now, oldest first; returns how many ran."""
@@ -268,6 +290,9 @@ class Worker:
     def _reject(self, path: Path, error: JobError, job_id: str | None) -> None:
         log.warning("rejected %s: %s [%s]", path.name, error.message, error.code)
         self.inbox.reject(path, error, job_id)
+        self.metrics.record(job_type="unknown", engine="none", transport="inbox", outcome="rejected",
+                            run_s=0.0, steps=None)
+        self.metrics.save()
 
     def _resolve_seed(self, job: Job, path: Path) -> tuple[Job, int | None]:
         """Draw the seed of a job that has none, and keep it in the job file so that a rerun after
@@ -297,7 +322,8 @@ class Worker:
             engine = self.engines.get(job.engine)
             result = engine.run(job, RunContext(seed=seed, progress=on_progress))
             run_s = time.monotonic() - started
-            self.inbox.write_output(job.output_name, png_bytes(result.image))
+            text = job_parameters(job, result.seed, result.image.size)
+            self.inbox.write_output(job.output_name, png_bytes(result.image, text))
             record = done_record(
                 job, seed=result.seed, width=result.image.width, height=result.image.height,
                 timings={"queued_s": queued_s, "run_s": run_s, "total_s": queued_s + run_s},
@@ -310,15 +336,19 @@ class Worker:
             record = failed_record(job.id, self._internal_error(job, exc), job.type)
         self.inbox.finish(path, record)
         self.jobs_done += 1
-        self._set_status("idle")
         elapsed = time.monotonic() - started
+        self.metrics.record(job_type=job.type, engine=job.engine, transport=job.spec.transport,
+                            outcome=record["status"], run_s=elapsed, steps=progress["step"] or None)
+        self.metrics.save()
+        self._set_status("idle")
+        transport = job.spec.transport
         if record["status"] == "done":
-            log.info("job %s type=%s engine=%s done in %.3fs (%s)", job.id, job.type, job.engine, elapsed,
-                     record["url"])
+            log.info("job %s type=%s engine=%s done in %.3fs transport=%s url=%s", job.id, job.type, job.engine,
+                     elapsed, transport, record["url"])
         else:
             err = record["error"]
-            log.warning("job %s type=%s engine=%s failed in %.3fs: %s [%s]", job.id, job.type, job.engine,
-                        elapsed, err["message"], err["code"])
+            log.warning("job %s type=%s engine=%s failed in %.3fs transport=%s: %s [%s]", job.id, job.type,
+                        job.engine, elapsed, transport, err["message"], err["code"])
 
     def _internal_error(self, job: Job, exc: Exception) -> JobError:
         import torch

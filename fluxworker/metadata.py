@@ -1,0 +1,81 @@
+"""How an image was made, carried inside its PNG.
+
+Two text chunks:
+- ``parameters``: the line format most image tools read (prompt on the first line, then
+  ``Steps: 4, Sampler: ..., Seed: ..., Size: WxH, ...``);
+- ``fluxworker``: JSON with the job as it ran (``{"version", "job", "inputs"}``), where ``job`` is a
+  valid job spec with its seed, ready to submit again. Input images are not embedded; ``inputs``
+  gives their SHA-256 so a rerun can be checked against the right files.
+
+Neither chunk holds the job id or any time, so a rerun of the same job gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+from PIL import Image
+
+from . import __version__
+from .jobs import Job
+
+PARAMETERS_KEY = "parameters"
+JSON_KEY = "fluxworker"
+_INTERNAL = {"id", "image", "mask", "transport"}
+_ENGINE_NAMES = {"flux": "FLUX.1-schnell", "lama": "LaMa", "esrgan": "Real-ESRGAN x4"}
+
+
+def _input_digest(value: str | None) -> str | None:
+    if value is None:
+        return None
+    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        raw = base64.b64decode("".join(payload.split()), validate=True)
+    except ValueError:
+        return None
+    return hashlib.sha256(raw).hexdigest()
+
+
+def job_parameters(job: Job, seed: int | None, size: tuple[int, int]) -> dict[str, str]:
+    """The PNG text chunks for an image made by ``job`` with ``seed``."""
+    spec = job.spec
+    fields = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _INTERNAL}
+    if job.engine != "flux":
+        fields = {k: fields[k] for k in ("type", "model") if k in fields}
+    else:
+        fields["seed"] = seed
+    inputs = {name: _input_digest(getattr(spec, name)) for name in ("image", "mask") if getattr(spec, name)}
+
+    if job.engine == "flux":
+        lines = [spec.prompt or ""]
+        details = [
+            f"Steps: {spec.num_inference_steps}", "Sampler: Euler", "Schedule type: Flow matching",
+            "CFG scale: 0", f"Seed: {seed}", f"Size: {size[0]}x{size[1]}", f"Model: {_ENGINE_NAMES['flux']}",
+        ]
+        if spec.image is not None:
+            details.append(f"Denoising strength: {spec.strength:g}")
+            details.append("Mode: inpaint" if spec.mask is not None else "Mode: img2img")
+        details += [f"Performance mode: {spec.performance_mode}", f"No text: {str(spec.no_text).lower()}"]
+    else:
+        lines = [""]
+        details = [f"Model: {_ENGINE_NAMES[job.engine]}", f"Size: {size[0]}x{size[1]}"]
+    details.append(f"Version: fluxworker {__version__}")
+    lines.append(", ".join(details))
+    document = {"version": __version__, "job": fields, "inputs": inputs}
+    return {PARAMETERS_KEY: "\n".join(lines), JSON_KEY: json.dumps(document, ensure_ascii=False, sort_keys=True)}
+
+
+def read_parameters(path) -> dict[str, Any]:
+    """The parameters stored in a PNG: ``{"parameters": str | None, "fluxworker": dict | None}``."""
+    with Image.open(path) as image:
+        text = dict(getattr(image, "text", {}) or {})
+    document = None
+    if JSON_KEY in text:
+        try:
+            document = json.loads(text[JSON_KEY])
+        except ValueError:
+            document = None
+    return {PARAMETERS_KEY: text.get(PARAMETERS_KEY), JSON_KEY: document}

@@ -1,0 +1,119 @@
+"""The systemd units and the install script, as far as a machine without a running systemd allows.
+
+The install script runs for real (as root: it creates a system user, folders, a venv and the
+units) into temporary folders. Only `systemctl enable/start` cannot run here: no systemd is
+running as init, so the script installs the units without starting them.
+"""
+
+import os
+import pwd
+import shutil
+import site
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+UNITS = ["fluxworker-worker.service", "fluxworker-api.service", "fluxworker.target"]
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the install script creates a system user: run as root")
+needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("unit, limit", [("fluxworker-worker.service", 2.5), ("fluxworker-api.service", 2.0)])
+def test_units_are_hardened(unit, limit):
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(ROOT / "deploy" / unit)],
+                            capture_output=True, text=True, timeout=60)
+    last = result.stdout.strip().splitlines()[-1]
+    exposure = float(last.split("level for")[1].split(":")[1].split()[0])
+    assert exposure <= limit, result.stdout
+
+
+def test_stop_timeout_of_the_worker_unit_covers_the_configured_job_stop_timeout():
+    unit = (ROOT / "deploy" / "fluxworker-worker.service").read_text()
+    stop = int(next(line for line in unit.splitlines() if line.startswith("TimeoutStopSec=")).split("=")[1])
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    assert stop > config["worker"]["stop_timeout"]
+    assert "Type=notify" in unit and "Restart=on-failure" in unit
+
+
+@pytest.fixture
+def install_root(tmp_path):
+    user = f"fwtest{uuid.uuid4().hex[:6]}"
+    root = tmp_path / "root"
+    dirs = {
+        "--prefix": root / "opt", "--config-dir": root / "etc", "--data-dir": root / "var" / "lib",
+        "--cache-dir": root / "var" / "cache", "--unit-dir": root / "units",
+    }
+    # The venv borrows this test run's packages through a .pth file, so that installing needs no
+    # download; the script then installs fluxworker itself into it, as it would on a real machine.
+    venv = dirs["--prefix"] / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    purelib = next(venv.glob("lib/python*/site-packages"))
+    (purelib / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    args = [str(ROOT / "deploy" / "install.sh"), "--no-start", "--user", user, "--pip-args",
+            "--no-deps --no-build-isolation --no-index"]
+    for option, path in dirs.items():
+        args += [option, str(path)]
+    yield args, dirs, user
+    subprocess.run(["userdel", user], capture_output=True, timeout=60)
+    subprocess.run(["groupdel", user], capture_output=True, timeout=60)
+
+
+def run_install(args):
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd="/")
+
+
+@needs_root
+@needs_systemd_analyze
+def test_install_script_is_idempotent_and_uninstall_keeps_the_outputs(install_root):
+    args, dirs, user = install_root
+    first = run_install(args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = run_install(args)
+    assert second.returncode == 0, second.stdout + second.stderr
+
+    entry = pwd.getpwnam(user)
+    data = dirs["--data-dir"]
+    for folder in (data / "inbox", data / "outputs", dirs["--cache-dir"]):
+        assert folder.stat().st_uid == entry.pw_uid
+    config = dirs["--config-dir"] / "config.yaml"
+    assert oct(config.stat().st_mode & 0o777) == "0o640"
+    loaded = yaml.safe_load(config.read_text())
+    assert loaded["paths"] == {"inbox": str(data / "inbox"), "outputs": str(data / "outputs")}
+    fluxworker = dirs["--prefix"] / "venv" / "bin" / "fluxworker"
+    check = subprocess.run([str(fluxworker), "check-config", "--config", str(config)], capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+
+    units = [dirs["--unit-dir"] / unit for unit in UNITS]
+    worker_unit = units[0].read_text()
+    assert f"ExecStart={fluxworker} worker" in worker_unit
+    assert f"User={user}" in worker_unit and f"ReadWritePaths={data} {dirs['--cache-dir']}" in worker_unit
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, units)],
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    (data / "outputs" / "keep-me.png").write_bytes(b"png")
+    config.write_text(config.read_text() + "\n# edited by the user\n")
+    third = run_install(args)
+    assert third.returncode == 0
+    assert config.read_text().endswith("# edited by the user\n")
+
+    removed = run_install([*args, "--uninstall"])
+    assert removed.returncode == 0, removed.stderr
+    assert not any(unit.exists() for unit in units)
+    assert not (dirs["--prefix"] / "venv").exists()
+    assert (data / "outputs" / "keep-me.png").exists() and config.exists()
+
+
+@needs_root
+def test_install_refuses_unknown_options():
+    result = subprocess.run([str(ROOT / "deploy" / "install.sh"), "--frobnicate"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "unknown option" in result.stderr

@@ -19,6 +19,9 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from .errors import JobError
 
 ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# Signatures of other image formats, to tell "not accepted" from "not an image".
+_OTHER_FORMATS = (b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00", b"8BPS", b"%!PS",
+                  b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ", b"qoif", b"\x76\x2f\x31\x01")
 _DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.ASCII)
 _MIME_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg"}
 
@@ -65,13 +68,8 @@ def open_image(raw: bytes, field: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-            fmt = image.format
-            if fmt not in ACCEPTED_FORMATS:
-                raise JobError(
-                    "unsupported_image_type", f"{field}: {fmt or 'this'} image is not accepted; send PNG, JPEG or WebP",
-                    field,
-                )
+            # Only the accepted decoders ever see the bytes.
+            image = Image.open(io.BytesIO(raw), formats=tuple(ACCEPTED_FORMATS))
             width, height = image.size
             if width < 1 or height < 1 or width * height > max_pixels:
                 raise JobError(
@@ -79,13 +77,17 @@ def open_image(raw: bytes, field: str, max_pixels: int) -> Image.Image:
                     f"{field}: {width}x{height} is over the limit of {max_pixels} pixels",
                     field,
                 )
-            image.load()
+            image.load()  # the first frame of an animated image
             image = ImageOps.exif_transpose(image)
     except JobError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise JobError("image_too_large", f"{field}: the image is too large to decode safely", field) from None
+        raise JobError("image_too_large", f"{field}: the image declares more pixels than the limit of "
+                       f"{max_pixels}", field) from None
     except UnidentifiedImageError:
+        if raw.startswith(_OTHER_FORMATS) or raw[4:12] in (b"ftypavif", b"ftypheic"):
+            raise JobError("unsupported_image_type", f"{field}: this image format is not accepted; send PNG, "
+                           "JPEG or WebP", field) from None
         raise JobError("invalid_image", f"{field}: not a PNG, JPEG or WebP image", field) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise JobError("invalid_image", f"{field}: the image is truncated or corrupt ({exc})", field) from None

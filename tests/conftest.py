@@ -176,3 +176,12 @@ def run_cli(*args: str, timeout: float = 120.0, **kwargs) -> subprocess.Complete
         [sys.executable, "-m", "fluxworker", *args],
         capture_output=True, text=True, timeout=timeout, **kwargs,
     )
+
+
+@pytest.fixture(scope="session")
+def lama_file(tmp_path_factory) -> Path:
+    """LaMa with random weights (the real architecture, about 205 MB), written once per session
+    into a temporary folder by the project's own writer."""
+    from fluxworker.tiny import write_random_lama
+
+    return write_random_lama(tmp_path_factory.mktemp("lama") / "lama.pth")

@@ -208,6 +208,7 @@ class Worker:
             except StopNow:
                 log.warning("stop timeout passed; the job in hand will run again at the next start")
                 return EXIT_STOP_TIMEOUT
+            self.engines.maintain()  # idle engines are freed between jobs (models.unload_after)
             if not ran and not self.stopping:
                 self.waker.wait(interval)
         log.info("stop requested: worker exits after %d job(s)", self.jobs_done)
@@ -221,6 +222,7 @@ class Worker:
                 break
             if self._process(entry.name, entry.mtime):
                 ran += 1
+                self.engines.maintain()
         return ran
 
     def _ready(self, name: str, mtime: float) -> bool:

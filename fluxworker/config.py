@@ -57,6 +57,18 @@ class ModelsConfig(_Section):
     allow_download: bool = Field(False, description="Let the FLUX hub id download its weights.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    esrgan: Path | None = Field(
+        None, description="Real-ESRGAN x4 weights (.pth, .safetensors or .pt) for upscale jobs; null: off."
+    )
+    lama: Path | None = Field(
+        None, description="LaMa weights (big-lama.pt, .pth or .safetensors) for the eraser; null: off."
+    )
+    lazy_load: bool = Field(
+        False, description="Load LaMa and Real-ESRGAN on their first job instead of at start."
+    )
+    unload_after: Annotated[float, Field(ge=0, le=7 * 86_400)] = Field(
+        0.0, description="Free LaMa or Real-ESRGAN after this many idle seconds (reloaded when needed); 0: never."
+    )
 
     @field_validator("flux", mode="after")
     @classmethod
@@ -64,6 +76,11 @@ class ModelsConfig(_Section):
         if looks_like_path(value) or (Path((info.context or {}).get("base", ".")) / value).exists():
             return str(_resolve(value, info))
         return value
+
+    @field_validator("esrgan", "lama", mode="plain")
+    @classmethod
+    def _weights_path(cls, value: Any, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
 
 
 class LimitsConfig(_Section):
@@ -75,6 +92,28 @@ class LimitsConfig(_Section):
         4096 * 4096, ge=64 * 64, le=20_000 * 20_000, description="Largest input image, in pixels."
     )
     max_job_bytes: int = Field(40_000_000, ge=1024, description="Largest job file or message.")
+    max_upscale_pixels: int = Field(
+        2048 * 2048, ge=64 * 64, le=8192 * 8192,
+        description="Largest image an upscale job may send, in pixels; the output has 16 times as many.",
+    )
+
+
+class UpscaleConfig(_Section):
+    tile_size: int = Field(
+        512, ge=32, le=4096, description="Input pixels per tile side: bounds the memory one upscale needs."
+    )
+    tile_overlap: int = Field(
+        32, ge=0, le=512, description="Context pixels each tile borrows from its neighbours, cropped after."
+    )
+
+
+class EraseConfig(_Section):
+    max_side: int = Field(
+        2048, ge=64, le=8192, description="Longest side LaMa works on; larger areas are scaled down for it."
+    )
+    crop_margin: int = Field(
+        256, ge=16, le=4096, description="Context kept around the mask when an image is larger than max_side."
+    )
 
 
 class InboxConfig(_Section):
@@ -150,6 +189,8 @@ class Config(_Section):
     worker: WorkerConfig = WorkerConfig()
     http: HttpConfig = HttpConfig()
     retention: RetentionConfig = RetentionConfig()
+    upscale: UpscaleConfig = UpscaleConfig()
+    erase: EraseConfig = EraseConfig()
 
     source: Path | None = Field(None, exclude=True)
 

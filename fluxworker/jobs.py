@@ -184,6 +184,13 @@ def parse_job(data: Any, limits: LimitsConfig, default_id: str | None = None) ->
     image = mask = None
     if spec.image is not None:
         image = decode_base64_image(spec.image, "image", limits.max_image_bytes, limits.max_image_pixels)
+        if spec.type == "upscale" and image.width * image.height > limits.max_upscale_pixels:
+            raise JobError(
+                "image_too_large",
+                f"image: {image.width}x{image.height} is over the upscale limit of "
+                f"{limits.max_upscale_pixels} pixels (limits.max_upscale_pixels)",
+                "image",
+            )
     if spec.mask is not None:
         mask = decode_base64_image(spec.mask, "mask", limits.max_image_bytes, limits.max_image_pixels)
     return Job(spec, image, mask)

@@ -2,8 +2,14 @@
 
 The FLUX folder is a real diffusers pipeline folder (``model_index.json``, one subfolder per
 component, safetensors weights, both tokenizers), loaded by the same ``from_pretrained`` call as
-the real FLUX.1-schnell. Its images are noise, but every code path runs for real. Tests, the demo
-and the benchmarks use these models; ``DIR/config.yaml`` is a working config that points at them.
+the real FLUX.1-schnell. The Real-ESRGAN file is an RRDBNet in the layout and ``params_ema``
+wrapper of ``RealESRGAN_x4plus.pth``, only narrower and with one block. Their images are noise,
+but every code path runs for real. Tests, the demo and the benchmarks use these models;
+``DIR/config.yaml`` is a working config that points at them.
+
+LaMa's architecture is fixed (51 M parameters, about 205 MB in any format), too big to write by
+default: :func:`write_random_lama` writes one with random weights where a test or a benchmark
+needs it.
 """
 
 from __future__ import annotations
@@ -93,11 +99,74 @@ def build_tiny_flux(seed: int = 0):
     )
 
 
+def build_esrgan_state_dict(num_feat: int = 16, num_block: int = 1, num_grow_ch: int = 32, seed: int = 0) -> dict:
+    """A random RRDBNet x4 state dict with the key names of ``RealESRGAN_x4plus.pth``.
+
+    The real file has num_feat=64, num_block=23; num_grow_ch must stay 32, which is what spandrel
+    assumes. The residual blocks start small and the last layer is biased to mid-grey, as trained
+    networks are, so outputs follow the input instead of clipping to black or white.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    state: dict = {}
+
+    def conv(name: str, cin: int, cout: int, gain: float = 1.0, bias: float = 0.0) -> None:
+        bound = gain * (6 / (cin * 9)) ** 0.5  # He-uniform
+        state[f"{name}.weight"] = (torch.rand(cout, cin, 3, 3, generator=generator) * 2 - 1) * bound
+        state[f"{name}.bias"] = torch.full((cout,), bias)
+
+    conv("conv_first", 3, num_feat)
+    for block in range(num_block):
+        for rdb in (1, 2, 3):
+            for n in range(1, 6):
+                cout = num_grow_ch if n < 5 else num_feat
+                conv(f"body.{block}.rdb{rdb}.conv{n}", num_feat + (n - 1) * num_grow_ch, cout, gain=0.1)
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        conv(name, num_feat, num_feat)
+    conv("conv_last", num_feat, 3, gain=0.2, bias=0.5)
+    return state
+
+
+def write_esrgan(path: str | os.PathLike, **sizes) -> Path:
+    """Write a random Real-ESRGAN x4 file in the ``{"params_ema": state_dict}`` format."""
+    import torch
+
+    path = Path(path)
+    torch.save({"params_ema": build_esrgan_state_dict(**sizes)}, path)
+    return path
+
+
+def write_random_lama(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a LaMa model with random weights; the suffix picks the format: ``.pt`` (TorchScript,
+    as ``big-lama.pt``), ``.pth`` (a pickled state dict) or ``.safetensors``."""
+    import warnings
+
+    import torch
+    from spandrel.architectures.LaMa import LaMa
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = LaMa(in_nc=4, out_nc=3).eval()
+    if path.suffix == ".pt":
+        example = (torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64))
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracing is deprecated in torch, yet it is the file's format
+            torch.jit.trace(model, example, check_trace=False).save(str(path))
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return path
+
+
 def tiny_config(root: Path) -> dict:
     """A complete config that serves the tiny models from ``root``."""
     return {
         "paths": {"inbox": "inbox", "outputs": "outputs"},
-        "models": {"flux": "./flux", "device": "cpu", "dtype": "float32"},
+        "models": {"flux": "./flux", "esrgan": "./esrgan.pth", "lama": None, "device": "cpu", "dtype": "float32"},
         "limits": {"max_width": 1024, "max_height": 1024},
         "inbox": {"scan_interval": 2.0, "settle_seconds": 10.0},
         "worker": {"stop_timeout": 60.0},
@@ -110,9 +179,13 @@ def write_tiny_models(root: str | os.PathLike, *, seed: int = 0) -> Path:
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     build_tiny_flux(seed).save_pretrained(root / "flux", safe_serialization=True)
+    write_esrgan(root / "esrgan.pth", seed=seed)
     for folder in ("inbox", "outputs"):
         (root / folder).mkdir(exist_ok=True)
     config = root / "config.yaml"
-    header = "# Tiny random models for tests and the demo: written by `fluxworker tiny-models`.\n"
+    header = (
+        "# Tiny random models for tests and the demo: written by `fluxworker tiny-models`.\n"
+        "# models.lama is null: LaMa (about 205 MB) is not written here; point it at big-lama.pt to erase.\n"
+    )
     config.write_text(header + yaml.safe_dump(tiny_config(root), sort_keys=False), encoding="utf-8")
     return config

@@ -225,7 +225,8 @@ class Worker:
         return EXIT_OK
 
     def _maintain(self) -> None:
-        """Periodic upkeep between jobs: retention of outputs and failed files."""
+        """Upkeep between jobs: free idle engines (models.unload_after), enforce retention."""
+        self.engines.maintain()
         rules = self.config.retention
         if not rules.enabled or time.monotonic() < self._next_retention:
             return
@@ -243,6 +244,7 @@ class Worker:
                 break
             if self._process(entry.name, entry.mtime):
                 ran += 1
+                self.engines.maintain()
         return ran
 
     def _ready(self, name: str, mtime: float) -> bool:
@@ -337,6 +339,7 @@ class Worker:
         self.inbox.finish(path, record)
         self.jobs_done += 1
         elapsed = time.monotonic() - started
+        self.metrics.model_load_seconds = dict(self.engines.load_seconds)
         self.metrics.record(job_type=job.type, engine=job.engine, transport=job.spec.transport,
                             outcome=record["status"], run_s=elapsed, steps=progress["step"] or None)
         self.metrics.save()
@@ -351,12 +354,8 @@ class Worker:
                         job.engine, elapsed, transport, err["message"], err["code"])
 
     def _internal_error(self, job: Job, exc: Exception) -> JobError:
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return JobError("out_of_memory", "the GPU ran out of memory for this job; try a smaller size")
+        """A bug: logged with its traceback; the job fails and the worker goes on. (Engines turn
+        GPU out-of-memory errors into ``out_of_memory`` job errors themselves.)"""
         log.exception("job %s failed with an unexpected error", job.id)
         return JobError("internal_error", f"unexpected error: {type(exc).__name__}: {exc}")
 

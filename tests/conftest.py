@@ -235,3 +235,12 @@ def server_factory():
     yield start
     for server in started:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def lama_file(tmp_path_factory) -> Path:
+    """LaMa with random weights (the real architecture, about 205 MB), written once per session
+    into a temporary folder by the project's own writer."""
+    from fluxworker.tiny import write_random_lama
+
+    return write_random_lama(tmp_path_factory.mktemp("lama") / "lama.pth")

@@ -112,3 +112,28 @@ def test_invalid_yaml_is_reported(tmp_path):
     path.write_text("paths: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_weight_files_resolve_against_the_config_folder_and_may_be_null(tmp_path):
+    config = parse_config({"models": {"esrgan": "weights/x4.pth", "lama": None}}, tmp_path)
+    assert config.models.esrgan == tmp_path / "weights" / "x4.pth"
+    assert config.models.lama is None
+    assert parse_config({}, tmp_path).models.esrgan is None
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"models": {"lama": ""}}, "models.lama"),
+        ({"models": {"esrgan": 4}}, "models.esrgan"),
+        ({"models": {"unload_after": -1}}, "models.unload_after"),
+        ({"upscale": {"tile_size": 8}}, "upscale.tile_size"),
+        ({"upscale": {"tile_overlap": -1}}, "upscale.tile_overlap"),
+        ({"erase": {"max_side": 10}}, "erase.max_side"),
+        ({"limits": {"max_upscale_pixels": 0}}, "limits.max_upscale_pixels"),
+    ],
+)
+def test_bad_engine_settings_name_their_key(tmp_path, data, key):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, tmp_path, "cfg.yaml")
+    assert any(line.strip().startswith(key + ":") for line in str(caught.value).splitlines()), str(caught.value)

@@ -16,9 +16,10 @@ from conftest import ServerProcess, png_b64, read_record, wait_for, wait_record,
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_dir):
+def server(tmp_path_factory, tiny_dir, lama_file):
     folder = tmp_path_factory.mktemp("api")
-    config = write_config(folder, tiny_dir, http={"max_body_bytes": 1_000_000, "threads": 40, "max_queue": 30})
+    config = write_config(folder, tiny_dir, http={"max_body_bytes": 1_000_000, "threads": 40, "max_queue": 30},
+                          models={"esrgan": str(tiny_dir / "esrgan.pth"), "lama": str(lama_file)})
     server = ServerProcess(config).start()
     yield server
     server.kill()
@@ -67,10 +68,6 @@ def test_the_documents_python_example_uses_the_default_size(server):
     assert fetch_image(server, response.json()["url"]).size == (1024, 1024)
 
 
-WAITS_FOR_ENGINES = pytest.mark.xfail(strict=True, reason="the upscaler and eraser engines are not built yet")
-
-
-@WAITS_FOR_ENGINES
 def test_the_documents_upscale_example(server):
     response = post(server, "/upscale", {"image": png_b64((32, 24))})
     assert response.status_code == 200, response.text
@@ -114,7 +111,6 @@ def test_image_to_image_and_flux_inpainting(server):
     assert inpaint.status_code == 200, inpaint.text
 
 
-@WAITS_FOR_ENGINES
 def test_lama_erase_through_the_api(server):
     image = png_b64((40, 30), color=(10, 200, 10))
     mask = png_b64((40, 30), color=(0, 0, 0))

@@ -25,6 +25,7 @@ from ..errors import JobError
 from ..images import to_mask, to_rgb
 from ..jobs import Job
 from . import Engine, Result, RunContext
+from .memory import guard_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,13 @@ class FluxEngine(Engine):
             ctx.progress(step + 1, pipeline.num_timesteps)
             return {}
 
-        self._place(spec.performance_mode, pipe)
-        with torch.inference_mode():
-            image = pipe(callback_on_step_end=on_step_end, **kwargs).images[0]
+        def generate():
+            self._place(spec.performance_mode, pipe)
+            with torch.inference_mode():
+                return pipe(callback_on_step_end=on_step_end, **kwargs).images[0]
+
+        image = guard_out_of_memory(
+            generate, "the GPU ran out of memory for this job; try a smaller size or performance_mode balanced")
         return Result(image=image, seed=ctx.seed)
 
     def close(self) -> None:

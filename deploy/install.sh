@@ -84,10 +84,13 @@ fi
 "$prefix/venv/bin/python" -m pip install --quiet $pip_args "$src"
 say "installed fluxworker $("$prefix/venv/bin/python" -c 'import fluxworker; print(fluxworker.__version__)')"
 
-# 4. The config, once: the shipped one with the folders under $data_dir. Never overwritten.
+# 4. The config, once: the shipped one with the folders and weight files under $data_dir.
+#    Never overwritten.
 if [ ! -f "$config_dir/config.yaml" ]; then
     sed -e "s#^  inbox: inbox\$#  inbox: $data_dir/inbox#" \
         -e "s#^  outputs: outputs\$#  outputs: $data_dir/outputs#" \
+        -e "s#^  esrgan: models/#  esrgan: $data_dir/models/#" \
+        -e "s#^  lama: models/#  lama: $data_dir/models/#" \
         "$src/config.yaml" > "$config_dir/config.yaml"
     chown root:"$user" "$config_dir/config.yaml"
     chmod 0640 "$config_dir/config.yaml"

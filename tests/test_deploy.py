@@ -86,6 +86,8 @@ def test_install_script_is_idempotent_and_uninstall_keeps_the_outputs(install_ro
     assert oct(config.stat().st_mode & 0o777) == "0o640"
     loaded = yaml.safe_load(config.read_text())
     assert loaded["paths"] == {"inbox": str(data / "inbox"), "outputs": str(data / "outputs")}
+    assert loaded["models"]["esrgan"] == str(data / "models" / "RealESRGAN_x4plus.pth")
+    assert loaded["models"]["lama"] == str(data / "models" / "big-lama.pt")
     fluxworker = dirs["--prefix"] / "venv" / "bin" / "fluxworker"
     check = subprocess.run([str(fluxworker), "check-config", "--config", str(config)], capture_output=True,
                            text=True, timeout=120)

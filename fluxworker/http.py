@@ -217,6 +217,7 @@ class Api:
         if self.closing:
             raise ApiError(503, "shutting_down", "the service is stopping; try again shortly",
                            headers={"Retry-After": "5"})
+        self._raise_if_blocked()
         record = self.inbox.completion(job.id)
         if record is None and self.inbox.state_of(job.id) is None:
             queued = len(self.inbox.scan())
@@ -230,14 +231,27 @@ class Api:
             return _json_response(202, {"id": job.id, "status": "queued", "status_url": status_url},
                                   {"Location": status_url})
         if record is None:
-            record = self.waiter.wait(job.id, self.http.wait_timeout)
+            record = self.waiter.wait(job.id, self.http.wait_timeout,
+                                      until=lambda: self.closing or self._blocked() is not None)
         if record is None:
+            self._raise_if_blocked({"id": job.id, "status_url": status_url})
             if self.closing:
                 raise ApiError(503, "shutting_down", "the service stopped before the job finished; it stays "
                                "queued", headers={"Retry-After": "5"}, extra={"id": job.id, "status_url": status_url})
             raise ApiError(504, "timeout", f"the job did not finish within {self.http.wait_timeout:g}s; it goes on",
                            extra={"id": job.id, "status_url": status_url})
         return self._answer(record)
+
+    def _blocked(self) -> dict | None:
+        """The worker's error when it cannot write its results (outputs/ full or read-only)."""
+        status = self.inbox.read_status() or {}
+        return status.get("error") if status.get("state") == "blocked" else None
+
+    def _raise_if_blocked(self, extra: dict | None = None) -> None:
+        error = self._blocked()
+        if error is not None:
+            raise ApiError(503, error.get("code", "outputs_unwritable"), error.get("message", "outputs blocked"),
+                           headers={"Retry-After": "30"}, extra=extra)
 
     def _answer(self, record: dict):
         if record.get("status") == "done":
@@ -295,6 +309,7 @@ class Api:
             "worker": status.get("state") if alive else "down",
             "engines": status.get("engines", []) if alive else [],
             "unavailable": status.get("unavailable", {}) if alive else {},
+            "error": status.get("error") if alive else None,
             "queued": len(self.inbox.scan()),
         }
         return _json_response(200 if body["ready"] else 503, body)

@@ -220,10 +220,34 @@ class Inbox:
         its id is known and no record exists yet."""
         from .jobs import failed_record
 
-        if job_id is not None and not self.completion_path(job_id).exists():
-            write_atomic(self.completion_path(job_id), json.dumps(failed_record(job_id, error)).encode())
         self._to_failed(processing_path, error.to_dict())
+        if job_id is not None and not self.completion_path(job_id).exists():
+            try:
+                write_atomic(self.completion_path(job_id), json.dumps(failed_record(job_id, error)).encode())
+            except OSError as exc:  # outputs full or read-only: failed/ still holds the file and its error
+                log.warning("no failed record for %s: %s", job_id, exc)
         (self.processing / f".attempts-{processing_path.name}").unlink(missing_ok=True)
+
+    def requeue(self, processing_path: Path) -> None:
+        """Put a claimed job back at the head of the queue (its modification time is kept)."""
+        os.rename(processing_path, self.root / processing_path.name)
+
+    def outputs_writable(self, size: int) -> bool:
+        """Whether ``size`` bytes can be written to outputs/ right now (written, synced, removed)."""
+        probe = self.outputs / f".probe-{os.getpid()}"
+        try:
+            with open(probe, "wb") as handle:
+                handle.write(b"\0" * size)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return True
+        except OSError:
+            return False
+        finally:
+            try:
+                probe.unlink()
+            except OSError:
+                pass
 
     def discard(self, processing_path: Path) -> None:
         """Drop a duplicate of a job that already has its completion record."""

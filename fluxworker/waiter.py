@@ -70,8 +70,10 @@ class CompletionWaiter:
             self._generation += 1
             self._changed.notify_all()
 
-    def wait(self, job_id: str, timeout: float, on_state: StateCallback | None = None) -> dict | None:
-        """The job's completion record, or ``None`` after ``timeout`` seconds.
+    def wait(self, job_id: str, timeout: float, on_state: StateCallback | None = None,
+             until: Callable[[], bool] | None = None) -> dict | None:
+        """The job's completion record, or ``None`` after ``timeout`` seconds (or as soon as
+        ``until()`` is true: it is asked at every wake-up).
 
         With ``on_state``, every new state before the end (queue position, running step) is
         passed to it.
@@ -93,7 +95,7 @@ class CompletionWaiter:
                     last = state
                     on_state(state)
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or (until is not None and until()):
                 return None
             with self._changed:
                 if self._generation == generation:

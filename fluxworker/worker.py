@@ -131,6 +131,7 @@ class Worker:
         self.jobs_done = 0
         self.metrics = JobMetrics(self.inbox.processing / SNAPSHOT_NAME)
         self._next_retention = 0.0
+        self._blocked: dict | None = None  # outputs/ could not be written: jobs wait in the inbox
 
     # -- signals --------------------------------------------------------------------------
 
@@ -152,6 +153,8 @@ class Worker:
     # -- status ---------------------------------------------------------------------------
 
     def _set_status(self, state: str, job: dict | None = None, **extra) -> None:
+        if self._blocked is not None and state == "idle":
+            state, extra = "blocked", {**extra, "error": self._blocked}
         self._status = {
             "pid": os.getpid(),
             "version": __version__,
@@ -238,9 +241,11 @@ class Worker:
 
     def run_pending(self) -> int:
         """Run every job that is ready now, oldest first; returns how many ran."""
+        if self._blocked is not None and not self._unblocked():
+            return 0
         ran = 0
         for entry in self.inbox.scan():
-            if self.stopping:
+            if self.stopping or self._blocked is not None:
                 break
             if self._process(entry.name, entry.mtime):
                 ran += 1
@@ -320,12 +325,12 @@ class Worker:
             self._set_status("running", progress)
             self._check_stop()
 
+        png = None
         try:
             engine = self.engines.get(job.engine)
             result = engine.run(job, RunContext(seed=seed, progress=on_progress))
             run_s = time.monotonic() - started
-            text = job_parameters(job, result.seed, result.image.size)
-            self.inbox.write_output(job.output_name, png_bytes(result.image, text))
+            png = png_bytes(result.image, job_parameters(job, result.seed, result.image.size))
             record = done_record(
                 job, seed=result.seed, width=result.image.width, height=result.image.height,
                 timings={"queued_s": queued_s, "run_s": run_s, "total_s": queued_s + run_s},
@@ -336,7 +341,13 @@ class Worker:
             record = failed_record(job.id, exc, job.type)
         except Exception as exc:
             record = failed_record(job.id, self._internal_error(job, exc), job.type)
-        self.inbox.finish(path, record)
+        try:
+            if png is not None:
+                self.inbox.write_output(job.output_name, png)
+            self.inbox.finish(path, record)
+        except OSError as exc:
+            self._block(job, path, exc, len(png or b"") + 4096)
+            return
         self.jobs_done += 1
         elapsed = time.monotonic() - started
         self.metrics.model_load_seconds = dict(self.engines.load_seconds)
@@ -352,6 +363,33 @@ class Worker:
             err = record["error"]
             log.warning("job %s type=%s engine=%s failed in %.3fs transport=%s: %s [%s]", job.id, job.type,
                         job.engine, elapsed, transport, err["message"], err["code"])
+
+    def _block(self, job: Job, path: Path, exc: OSError, size: int) -> None:
+        """outputs/ cannot take this job's results (full, read-only, gone): the job goes back to the
+        head of the queue, and no job runs until outputs/ can take them again."""
+        self.inbox.requeue(path)
+        self._blocked = {
+            "code": "outputs_unwritable",
+            "message": f"cannot write to {self.inbox.outputs}: {exc.strerror or exc}; jobs wait in the "
+                       "inbox until it can be written again",
+            "since": now_iso(),
+            "bytes": size,
+        }
+        log.error("job %s put back in the queue: %s", job.id, self._blocked["message"])
+        self._set_status("idle")
+
+    def _unblocked(self) -> bool:
+        """Check outputs/ again (the loop calls this every scan interval while blocked)."""
+        try:
+            self.inbox.outputs.mkdir(parents=True, exist_ok=True)  # in case it was removed
+        except OSError:
+            pass
+        if not self.inbox.outputs_writable(self._blocked["bytes"]):
+            return False
+        log.info("outputs %s can be written again: jobs resume", self.inbox.outputs)
+        self._blocked = None
+        self._set_status("idle")
+        return True
 
     def _internal_error(self, job: Job, exc: Exception) -> JobError:
         """A bug: logged with its traceback; the job fails and the worker goes on. (Engines turn

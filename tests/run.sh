@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=()
+apt_packages=(mosquitto mosquitto-clients)  # the MQTT tests start their own brokers
 if ((${#apt_packages[@]})); then
     missing=()
     for pkg in "${apt_packages[@]}"; do

@@ -83,6 +83,23 @@ class Broker:
             self.proc.terminate()
             self.proc.wait(timeout=10)
 
+    def saved_at(self) -> float:
+        """When the broker last saved its state (wall clock); 0 when never."""
+        try:
+            return (self.folder / "mosquitto.db").stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def wait_saved(self, timeout: float = 10.0) -> None:
+        """Wait for the broker's next save (with autosave_interval 1, mosquitto 2.0.11 saves every
+        second or two), so that a SIGKILL after it keeps every session and message before it."""
+        since = time.time()
+        deadline = time.monotonic() + timeout
+        while self.saved_at() <= since:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mosquitto did not save its state within {timeout}s")
+            time.sleep(0.05)
+
     def log(self) -> str:
         try:
             return (self.folder / "mosquitto.log").read_text(errors="replace")
@@ -111,7 +128,7 @@ class Probe:
         self.broker = broker
         self.topics = list(topics)
         self.messages: list[Message] = []
-        self.acks: dict[int, tuple[int, float]] = {}  # mid -> (reason code, when)
+        self.acks: dict[int, tuple[int, float]] = {}  # mid -> (reason code, wall-clock time)
         self._changed = threading.Condition()
         self._subscribed = threading.Event()
         protocol = paho.MQTTv5 if v5 else paho.MQTTv311
@@ -149,7 +166,7 @@ class Probe:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         with self._changed:
-            self.acks[mid] = (reason_code.value, time.monotonic())
+            self.acks[mid] = (reason_code.value, time.time())
             self._changed.notify_all()
 
     def publish(self, topic: str, payload, qos: int = 1, retain: bool = False, response_topic: str | None = None,

@@ -178,7 +178,7 @@ def test_results_produced_while_the_broker_is_down_are_delivered_after_it_return
     for job_id in ("away-1", "away-2"):
         sender.publish("fluxworker/jobs", {"id": job_id, "prompt": "a fox", "width": 64, "height": 64})
     wait_for(lambda: len(bridge.inbox.scan()) == 2, timeout=10, what="two queued jobs")
-    time.sleep(1.5)  # the broker saves its sessions every second (autosave_interval 1)
+    broker.wait_saved()  # the listener's session survives the SIGKILL
 
     broker.kill()
     finish_like_the_worker(bridge, "away-1")

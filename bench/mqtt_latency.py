@@ -29,15 +29,11 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from brokers import Broker, Probe  # noqa: E402
+from overhead import percentile  # noqa: E402  (this folder is on the path when run as a script)
 
 from fluxworker.tiny import write_tiny_models  # noqa: E402
 
 JOB = {"prompt": "a tiny benchmark", "width": 64, "height": 64, "num_inference_steps": 1, "seed": 1}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from typing import Any
@@ -41,6 +42,15 @@ SWEEP_SECONDS = 5.0  # how often owed results are looked for, besides the events
 STATE_MIN_INTERVAL = 0.5  # the retained state changes at most this often (a burst of jobs is one update)
 STOP_SECONDS = 5.0  # on stop, how long the broker may take to acknowledge what is in flight
 PACKET_OVERHEAD = 512  # fixed header, topic and properties, on top of the payload
+
+
+def _no_delay(client, userdata, sock) -> None:
+    """Send small packets at once: with Nagle's algorithm a result published right after its status
+    waits for the broker's delayed acknowledgement, about 40 ms."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket
 
 
 class MqttBridge:
@@ -81,6 +91,7 @@ class MqttBridge:
         client.on_subscribe = self._on_subscribe
         client.on_message = lambda c, u, msg: self._events.put(("message", msg))
         client.on_publish = lambda c, u, mid, rc, props: self._events.put(("published", mid))
+        client.on_socket_open = _no_delay
         client.reconnect_delay_set(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
         client.will_set(self.topics.availability, "offline", qos=1, retain=True)
         if cfg.username:

@@ -156,7 +156,7 @@ class Intake:
         digest = hashlib.sha256(msg.mid.to_bytes(4, "big") + msg.topic.encode() + msg.payload).hexdigest()
         job_id = f"mqtt-{digest[:16]}"
         if not msg.dup and self.where(job_id) is not None:
-            return new_job_id()
+            return f"mqtt-{new_job_id()}"
         return job_id
 
     def where(self, job_id: str) -> str | None:

@@ -6,6 +6,7 @@ changes the worker would. The end-to-end tests with worker subprocesses are in t
 """
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import mqtt_section, wait_for
-from fluxworker.config import parse_config
+from fluxworker.config import ConfigError, parse_config
 from fluxworker.images import png_bytes
 from fluxworker.inbox import Inbox
 from fluxworker.jobs import done_record, parse_job
@@ -109,6 +110,30 @@ def test_a_duplicate_id_is_queued_once_and_a_finished_job_answers_again(broker, 
     assert reply.json()["status"] == "done" and reply.correlation_data == b"again"
     assert not (bridge.inbox.root / "twice.json").exists()
     assert len(probe.payloads("fluxworker/jobs/twice/result")) == 2
+
+
+def test_messages_delivered_again_after_a_lost_acknowledgement_are_queued_once(
+        broker, probe_factory, bridge_factory, caplog):
+    caplog.set_level(logging.INFO, logger="fluxworker.mqtt")
+    probe = probe_factory(broker)
+    first = bridge_factory(broker)
+    first.client.ack = lambda mid, qos: paho.MQTT_ERR_SUCCESS  # as if the process died before acknowledging
+    online(probe)
+    probe.publish("fluxworker/jobs", {"id": "lost-ack", "prompt": "a fox", "width": 64, "height": 64})
+    probe.publish("fluxworker/jobs", {"prompt": "a fox without an id", "width": 64, "height": 64})
+    wait_for(lambda: len(first.inbox.scan()) == 2, timeout=10, what="two queued jobs")
+    first.stop()
+
+    # The broker delivers both again under the same session; each maps to the job already queued.
+    second = bridge_factory(broker)
+    wait_for(lambda: caplog.text.count("duplicate dropped") == 2, timeout=20, what="two duplicates")
+    assert sorted(e.name for e in second.inbox.scan())[0] == "lost-ack.json"
+    assert len(second.inbox.scan()) == 2
+    second.stop()  # this time acknowledged: a third session gets nothing again
+    bridge_factory(broker)
+    online(probe)
+    time.sleep(1.0)
+    assert caplog.text.count("duplicate dropped") == 2
 
 
 def test_a_job_without_an_id_gets_one_and_a_redelivered_message_maps_to_the_same_job(tmp_path):
@@ -248,6 +273,12 @@ def test_the_password_comes_from_the_environment_or_a_systemd_credential(tmp_pat
     assert read_password(cfg) == "from-credential"
     monkeypatch.setenv("FLUXWORKER_MQTT_PASSWORD", "from-env")
     assert read_password(cfg) == "from-env"
+
+
+def test_a_missing_tls_file_is_a_configuration_error(tmp_path):
+    config = parse_config({"mqtt": {"enabled": True, "tls": True, "ca_file": "missing-ca.pem"}}, tmp_path)
+    with pytest.raises(ConfigError, match="mqtt.ca_file: file not found"):
+        MqttBridge(config, Inbox(config.paths.inbox, config.paths.outputs))
 
 
 def test_tls_and_a_password_protected_broker(tmp_path, bridge_factory, monkeypatch, caplog):

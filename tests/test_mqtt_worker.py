@@ -16,10 +16,7 @@ from PIL import Image
 from brokers import Broker
 from conftest import WorkerProcess, mqtt_section, read_record, wait_record, write_config
 from test_hass import check_discovery
-
-
-def small(job_id, **fields):
-    return {"id": job_id, "prompt": "a lighthouse at dusk", "width": 64, "height": 64, **fields}
+from test_worker import slow_job, small
 
 
 def done_count(log: str, job_id: str) -> int:
@@ -182,11 +179,6 @@ def test_availability_online_then_offline_after_sigkill_and_after_a_clean_stop(
     assert worker.terminate() == 0
     watcher.wait_message("fluxworker/status", lambda m: m.payload == b"offline", timeout=10)
     assert retained_status() == b"offline"
-
-
-def slow_job(job_id):
-    return {"id": job_id, "prompt": "a slow one", "width": 1024, "height": 1024, "num_inference_steps": 10,
-            "seed": 3}
 
 
 def test_a_worker_killed_mid_job_runs_it_once_after_restart_and_results_outlive_a_broker_outage(

@@ -319,10 +319,10 @@ class MqttBridge:
         if job and is_valid_id(job.get("id")):
             self._state_dirty |= self._running is None
             self._running = job
-            if self.client.is_connected():  # progress is worth nothing late: QoS 0, never queued
+            if self.client.is_connected():  # progress is worth nothing late: never kept for a reconnection
                 self._publish(self.topics.job(job["id"], "status"), {
                     "id": job["id"], "status": "running", "step": job.get("step", 0), "total": job.get("total"),
-                }, qos=0)
+                })
         if status.get("state") and status["state"] != self._worker_state:
             self._worker_state = status["state"]
             self._state_dirty = True

@@ -92,14 +92,16 @@ def test_a_job_goes_into_the_inbox_and_its_result_comes_back_with_the_correlatio
     assert probe.wait_message("fluxworker/image/url").payload == b"http://studio.lan:8080/outputs/b-1.png"
 
 
-def test_a_duplicate_id_is_queued_once_and_a_finished_job_answers_again(broker, probe_factory, bridge_factory):
+def test_a_duplicate_id_is_queued_once_and_a_finished_job_answers_again(
+        broker, probe_factory, bridge_factory, caplog):
+    caplog.set_level(logging.INFO, logger="fluxworker.mqtt")
     probe = probe_factory(broker)
     bridge = bridge_factory(broker)
     online(probe)
     job = {"id": "twice", "prompt": "a fox", "width": 64, "height": 64}
     probe.publish("fluxworker/jobs", job)
     probe.publish("fluxworker/jobs", job)
-    probe.wait_message("fluxworker/jobs/twice/status")
+    wait_for(lambda: "job twice is queued already: duplicate dropped" in caplog.text, timeout=10)
     finish_like_the_worker(bridge, "twice")
     probe.wait_message("fluxworker/jobs/twice/result")
     assert [m["status"] for m in probe.payloads("fluxworker/jobs/twice/status")][:2] == ["queued", "running"]

@@ -88,6 +88,8 @@ class MqttBridge:
                                  protocol=paho.MQTTv311, manual_ack=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = lambda c, u: log.warning(
+            "mqtt: cannot reach %s:%d; trying again (at most every %ds)", cfg.host, cfg.port, cfg.reconnect_max_delay)
         client.on_subscribe = self._on_subscribe
         client.on_message = lambda c, u, msg: self._events.put(("message", msg))
         client.on_publish = lambda c, u, mid, rc, props: self._events.put(("published", mid))
@@ -120,12 +122,12 @@ class MqttBridge:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.cfg.session_expiry
             kwargs = {"clean_start": False, "properties": props}
+        log.info("mqtt: connecting to %s:%d as %s (%s)", self.cfg.host, self.cfg.port, self.client_id,
+                 self.cfg.protocol)
         self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **kwargs)
         self._thread = threading.Thread(target=self._run, name="mqtt-bridge", daemon=True)
         self._thread.start()
         self.client.loop_start()
-        log.info("mqtt: connecting to %s:%d as %s (%s)", self.cfg.host, self.cfg.port, self.client_id,
-                 self.cfg.protocol)
 
     def stop(self) -> None:
         """Publish ``offline`` (a clean disconnection sends no will), let what is in flight land, and

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -26,8 +25,6 @@ from .config import LimitsConfig
 from .errors import JobError
 from .inbox import Inbox, is_job_name, read_json, write_atomic
 from .jobs import is_valid_id, new_job_id, parse_job, parse_json
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ what to fix. Relative paths resolve against the folder that holds the config fil
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -181,6 +182,96 @@ class RetentionConfig(_Section):
         return None if self.max_total_mb is None else int(self.max_total_mb * 1_000_000)
 
 
+_TOPIC_LEVELS_RE = re.compile(r"^[^/+#$\x00][^+#\x00]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _optional_path(value: Any, info: ValidationInfo) -> Path | None:
+    return None if value is None else _resolve(value, info)
+
+
+class MqttConfig(_Section):
+    """The MQTT bridge: jobs in, results, progress and availability out (see the README)."""
+
+    enabled: bool = Field(False, description="Connect to a broker; the inbox keeps working without one.")
+    host: str = Field("localhost", min_length=1, description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (usually 8883 with TLS).")
+    protocol: Literal["v5", "v3.1.1"] = Field("v5", description="MQTT protocol version.")
+    tls: bool = Field(False, description="Connect with TLS.")
+    ca_file: Path | None = Field(None, description="CA certificates (PEM); null: the system's.")
+    cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: Path | None = Field(None, description="Key of the client certificate (PEM).")
+    tls_insecure: bool = Field(False, description="Skip the check of the broker's host name.")
+    username: str | None = Field(None, min_length=1, description="User name; null: anonymous.")
+    password_env: str = Field(
+        "FLUXWORKER_MQTT_PASSWORD", min_length=1, description="Environment variable holding the password."
+    )
+    password_credential: str = Field(
+        "mqtt_password", min_length=1, description="systemd credential holding the password."
+    )
+    client_id: str | None = Field(
+        None, min_length=1, max_length=128, description="Client id; null: derived from host and inbox."
+    )
+    worker_id: str | None = Field(
+        None, description="This worker's name when several workers share one topic prefix."
+    )
+    topic_prefix: str = Field("fluxworker", description="Every topic starts with it.")
+    share_group: str | None = Field("fluxworker", description="Shared subscription group; null: none.")
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of status, result and image messages.")
+    session_expiry: int = Field(
+        7 * 24 * 3600, ge=0, le=2**32 - 1, description="Seconds the broker keeps the session while away."
+    )
+    keepalive: int = Field(60, ge=5, le=65535, description="Seconds between keep-alive pings.")
+    reconnect_min_delay: int = Field(1, ge=1, le=3600, description="First wait before reconnecting.")
+    reconnect_max_delay: int = Field(60, ge=1, le=3600, description="Longest wait between reconnects.")
+    public_base_url: str | None = Field(
+        None, description="Turns /outputs/... into an absolute URL in results and for Home Assistant."
+    )
+    publish_image: bool = Field(False, description="Also publish each image's PNG bytes.")
+    max_publish_bytes: int = Field(
+        16_000_000, ge=1024, le=268_435_455, description="Largest message published; larger are skipped."
+    )
+    hass_discovery: bool = Field(False, description="Publish Home Assistant MQTT discovery.")
+    hass_prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix.")
+    hass_device_name: str = Field("fluxworker", min_length=1, max_length=100)
+    hass_job: dict[str, Any] = Field(
+        default_factory=dict, description="Job fields for the Generate button (its prompt comes from the text)."
+    )
+
+    _paths = field_validator("ca_file", "cert_file", "key_file", mode="plain")(_optional_path)
+
+    @field_validator("topic_prefix", "hass_prefix")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not _TOPIC_LEVELS_RE.match(value) or value.endswith("/") or "//" in value:
+            raise ValueError("must be a topic without wildcards (+ #), without a leading $ or /, "
+                             "and without a trailing /")
+        return value
+
+    @field_validator("share_group", "worker_id")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME_RE.match(value):
+            raise ValueError("must be 1 to 64 letters, digits, _ or -")
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("reconnect_max_delay")
+    @classmethod
+    def _delays(cls, value: int, info: ValidationInfo) -> int:
+        if value < info.data.get("reconnect_min_delay", 1):
+            raise ValueError("must not be below reconnect_min_delay")
+        return value
+
+
 class Config(_Section):
     paths: PathsConfig = PathsConfig.model_construct()
     models: ModelsConfig = ModelsConfig.model_construct()
@@ -191,6 +282,7 @@ class Config(_Section):
     retention: RetentionConfig = RetentionConfig()
     upscale: UpscaleConfig = UpscaleConfig()
     erase: EraseConfig = EraseConfig()
+    mqtt: MqttConfig = MqttConfig()
 
     source: Path | None = Field(None, exclude=True)
 
@@ -224,7 +316,25 @@ def parse_config(data: Any, base: Path, source: str = "config") -> Config:
         config = Config.model_validate(data, context={"base": str(base)})
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+    _check_hass_job(config, source)
     return config
+
+
+def _check_hass_job(config: Config, source: str) -> None:
+    """The Generate button's job fields must make a valid job with the configured limits."""
+    from .errors import JobError
+    from .jobs import validate_spec
+
+    job = config.mqtt.hass_job
+    if not job:
+        return
+    if "id" in job:
+        raise ConfigError(f"{source}: invalid configuration\n  mqtt.hass_job: every press makes a new job, "
+                          f"so it cannot carry an id (got {job!r})")
+    try:
+        validate_spec({"prompt": "a prompt", **job}, config.limits)
+    except JobError as exc:
+        raise ConfigError(f"{source}: invalid configuration\n  mqtt.hass_job: {exc.message} (got {job!r})") from None
 
 
 def config_path(explicit: str | os.PathLike | None) -> Path:

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -132,6 +133,7 @@ class Worker:
         self.metrics = JobMetrics(self.inbox.processing / SNAPSHOT_NAME)
         self._next_retention = 0.0
         self._blocked: dict | None = None  # outputs/ could not be written: jobs wait in the inbox
+        self.status_listeners: list[Callable[[dict], None]] = []  # told of every status change and step
 
     # -- signals --------------------------------------------------------------------------
 
@@ -168,6 +170,8 @@ class Worker:
             **extra,
         }
         self.inbox.write_status(self._status)
+        for listener in self.status_listeners:
+            listener(self._status)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -176,8 +180,9 @@ class Worker:
         self.install_signal_handlers()
         self.inbox.ensure()
         self.inbox.lock()
-        observer = None
+        observer = bridge = None
         try:
+            bridge = self._start_bridge()
             self._set_status("loading")
             requeued, poisoned = self.inbox.recover(MAX_ATTEMPTS)
             if requeued:
@@ -203,8 +208,22 @@ class Worker:
                 observer.stop()
                 observer.join(timeout=5)
             self._set_status("stopped")
+            if bridge is not None:
+                bridge.stop()
             self.inbox.unlock()
             self.waker.close()
+
+    def _start_bridge(self):
+        """The MQTT bridge, when configured: it feeds this inbox and reports this worker from its
+        own threads, and the loop never waits for the broker."""
+        if not self.config.mqtt.enabled:
+            return None
+        from .mqtt import MqttBridge
+
+        bridge = MqttBridge(self.config, self.inbox)
+        self.status_listeners.append(bridge.on_status)
+        bridge.start()
+        return bridge
 
     def _watch(self):
         observer = PollingObserver(timeout=1.0) if self.config.inbox.polling else Observer()

@@ -244,3 +244,39 @@ def lama_file(tmp_path_factory) -> Path:
     from fluxworker.tiny import write_random_lama
 
     return write_random_lama(tmp_path_factory.mktemp("lama") / "lama.pth")
+
+
+# -- MQTT: a real mosquitto per test, and recording clients --------------------------------------
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A fresh mosquitto on a free port, with persistence in its own folder; killed at the end."""
+    from brokers import Broker
+
+    running = Broker(tmp_path / "broker").start()
+    yield running
+    running.kill()
+
+
+@pytest.fixture
+def probe_factory():
+    """Start recording MQTT clients (``brokers.Probe``); all are closed at the end."""
+    from brokers import Probe
+
+    probes = []
+
+    def make(broker, *args, **kwargs):
+        probe = Probe(broker, *args, **kwargs)
+        probes.append(probe)
+        return probe
+
+    yield make
+    for probe in probes:
+        probe.close()
+
+
+def mqtt_section(broker, **overrides) -> dict:
+    """The ``mqtt`` config section of a worker on ``broker``."""
+    return {"enabled": True, "host": "127.0.0.1", "port": broker.port, "reconnect_min_delay": 1,
+            "reconnect_max_delay": 2, **overrides}

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(chromium chromium-driver)
+apt_packages=(chromium chromium-driver mosquitto mosquitto-clients)  # browser tests; MQTT tests start their own brokers
 if ((${#apt_packages[@]})); then
     missing=()
     for pkg in "${apt_packages[@]}"; do

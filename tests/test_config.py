@@ -57,6 +57,13 @@ def test_hub_id_is_kept_as_a_hub_id(tmp_path):
         ({"models": {"device": "tpu"}}, "models.device", "got 'tpu'"),
         ({"inbox": {"scan_interval": 0}}, "inbox.scan_interval", "got 0"),
         ({"worker": {"log_level": "LOUD"}}, "worker.log_level", "got 'LOUD'"),
+        ({"mqtt": {"protocol": "v4"}}, "mqtt.protocol", "got 'v4'"),
+        ({"mqtt": {"topic_prefix": "studio/#"}}, "mqtt.topic_prefix", "got 'studio/#'"),
+        ({"mqtt": {"worker_id": "gpu 2"}}, "mqtt.worker_id", "got 'gpu 2'"),
+        ({"mqtt": {"public_base_url": "studio.lan"}}, "mqtt.public_base_url", "got 'studio.lan'"),
+        ({"mqtt": {"reconnect_min_delay": 5, "reconnect_max_delay": 2}}, "mqtt.reconnect_max_delay", "got 2"),
+        ({"mqtt": {"hass_job": {"width": 100}}}, "mqtt.hass_job", "multiple of 64"),
+        ({"mqtt": {"hass_job": {"id": "fixed"}}}, "mqtt.hass_job", "cannot carry an id"),
     ],
 )
 def test_bad_values_name_the_key_path_and_the_value(tmp_path, data, key, fragment):

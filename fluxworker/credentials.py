@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 def read_secret(name: str, env_var: str) -> str | None:
-    """``$env_var`` if set, else the credential ``name`` (or ``fluxworker_<name>``); ``None`` if
-    neither exists or it is empty."""
+    """``$env_var`` if set, else the credential ``name`` (or ``fluxworker_<name>``) without its
+    final line break; ``None`` if neither exists or it is empty."""
     value = os.environ.get(env_var)
     if value:
         return value
@@ -23,5 +23,5 @@ def read_secret(name: str, env_var: str) -> str | None:
     for candidate in (name, f"fluxworker_{name}"):
         path = Path(folder, candidate)
         if path.is_file():
-            return path.read_text(encoding="utf-8").strip() or None
+            return path.read_text(encoding="utf-8").rstrip("\r\n") or None
     return None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import MqttConfig
+from .credentials import read_secret
 from .inbox import is_job_name, read_json
 
 
@@ -86,17 +87,8 @@ def default_client_id(inbox_root: Path) -> str:
 
 def read_password(cfg: MqttConfig) -> str | None:
     """The broker password: the environment variable named by ``password_env``, else the systemd
-    credential ``password_credential`` in ``$CREDENTIALS_DIRECTORY``, else none."""
-    value = os.environ.get(cfg.password_env)
-    if value:
-        return value
-    folder = os.environ.get("CREDENTIALS_DIRECTORY")
-    if folder:
-        try:
-            return (Path(folder) / cfg.password_credential).read_text(encoding="utf-8").rstrip("\r\n")
-        except FileNotFoundError:
-            pass
-    return None
+    credential ``password_credential``, else none."""
+    return read_secret(cfg.password_credential, cfg.password_env)
 
 
 class LastResults:

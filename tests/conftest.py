@@ -211,10 +211,12 @@ class ServerProcess(WorkerProcess):
             if self.proc.poll() is not None:
                 return True
             try:
-                path = "/ready" if self.command == "serve" else "/health"
-                return requests.get(self.url + path, timeout=2).status_code == 200
+                if requests.get(self.url + "/health", timeout=2).status_code != 200:
+                    return False
             except requests.RequestException:
                 return False
+            # serve: the worker beside the API must have loaded its models too
+            return self.command != "serve" or bool(self.status().get("ready"))
 
         if wait_ready:
             wait_for(up, timeout=120, interval=0.1, what=f"fluxworker {self.command} up")

@@ -222,6 +222,9 @@ def test_sigkill_during_a_job_then_restart_loses_nothing_and_runs_nothing_twice(
         assert wait_record(outputs, job_id, timeout=180)["status"] == "done"
     assert not [p for p in (inbox / "processing").glob("*.json") if not p.name.startswith(".")]
     assert not list(inbox.glob("*.json"))
+    # The log line follows the completion record: wait for it before counting.
+    wait_for(lambda: all(f"job {j} type=generate engine=flux done" in second.log() for j in ["victim", *ids]),
+             timeout=30)
     logs = first.log() + second.log()
     for job_id in ["victim", *ids]:
         assert logs.count(f"job {job_id} type=generate engine=flux done") == 1, job_id

@@ -219,7 +219,7 @@ class Api:
                            headers={"Retry-After": "5"})
         self._raise_if_blocked()
         record = self.inbox.completion(job.id)
-        if record is None and self.inbox.state_of(job.id) is None:
+        if record is None and self.inbox.presence(job.id) is None:
             queued = len(self.inbox.scan())
             if queued >= self.http.max_queue:
                 retry = max(1, round(queued * self.http.retry_after_per_job))

@@ -274,6 +274,19 @@ class Inbox:
         status = read_json(self.status_path)
         return status if isinstance(status, dict) else None
 
+    def presence(self, job_id: str) -> str | None:
+        """Cheaply: ``done`` (its completion record exists), ``queued`` (in the inbox or in hand),
+        or ``None`` when the id is unknown. Unlike :meth:`state_of`, it does not scan the queue."""
+        if not is_valid_id(job_id):
+            return None
+        if self.completion_path(job_id).exists():
+            return "done"
+        name = f"{job_id}.json"
+        if (self.root / name).exists() or (self.processing / name).exists():
+            return "queued"
+        # A job only moves inbox -> processing -> record, so looking again at the end misses none.
+        return "done" if self.completion_path(job_id).exists() else None
+
     def state_of(self, job_id: str) -> dict | None:
         """Where a job stands: ``done``/``failed`` (its record), ``running`` (with progress),
         ``queued`` (with its position, 1 = next), or ``None`` when the id is unknown."""

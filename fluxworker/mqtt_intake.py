@@ -114,7 +114,7 @@ class Intake:
         acknowledged, so the broker delivers it again, which records the result as owed anew."""
         self.pending.ensure()
         for job_id in self.pending.ids():
-            if self.where(job_id) is None:
+            if self.inbox.presence(job_id) is None:
                 self.pending.drop(job_id)
 
     def take(self, msg: MQTTMessage, data: Any = None) -> Outcome:
@@ -141,7 +141,7 @@ class Intake:
         except JobError as exc:
             return Outcome("refused", job_id, reply, exc)
         owed = self.pending.add(job.id, reply)
-        where = self.where(job.id)
+        where = self.inbox.presence(job.id)
         if where is None:
             self.inbox.submit(job.spec)
             return Outcome("queued", job.id, owed)
@@ -153,16 +153,7 @@ class Intake:
         new message that happens to map to a known job gets a fresh id."""
         digest = hashlib.sha256(msg.mid.to_bytes(4, "big") + msg.topic.encode() + msg.payload).hexdigest()
         job_id = f"mqtt-{digest[:16]}"
-        if not msg.dup and self.where(job_id) is not None:
+        if not msg.dup and self.inbox.presence(job_id) is not None:
             return f"mqtt-{new_job_id()}"
         return job_id
 
-    def where(self, job_id: str) -> str | None:
-        """``done`` (its completion record exists), ``queued`` (in the inbox or in hand) or None."""
-        if self.inbox.completion_path(job_id).exists():
-            return "done"
-        name = f"{job_id}.json"
-        if (self.inbox.root / name).exists() or (self.inbox.processing / name).exists():
-            return "queued"
-        # A job only moves inbox -> processing -> record, so looking again at the end misses none.
-        return "done" if self.inbox.completion_path(job_id).exists() else None

@@ -272,6 +272,71 @@ class MqttConfig(_Section):
         return value
 
 
+WARMUP_SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+
+
+class PerformanceConfig(_Section):
+    """How FLUX uses the GPU: what each performance mode keeps resident, and the optional speed-ups."""
+
+    start_mode: Literal["balanced", "fast"] = Field(
+        "balanced", description="Where FLUX's weights sit after start: the mode jobs ask for by default."
+    )
+    balanced_vram_gib: Annotated[float, Field(gt=0, le=1024)] = Field(
+        15.0, description="GPU memory balanced mode may use, in GiB; weights beyond it stream from host memory."
+    )
+    balanced_reserve_gib: Annotated[float, Field(ge=0, le=1024)] = Field(
+        2.5, description="Part of balanced_vram_gib kept for working memory (activations, the VAE decode)."
+    )
+    prompt_cache: int = Field(16, ge=0, le=4096, description="Prompt embeddings kept for reuse; 0: off.")
+    attention: Literal["sdpa", "cudnn", "flash", "efficient"] = Field(
+        "sdpa", description="Attention kernel on CUDA: sdpa lets PyTorch choose; the others force one."
+    )
+    fuse_qkv: bool = Field(True, description="Fuse each attention's q, k and v projections (CUDA).")
+    vae_channels_last: bool = Field(True, description="Run the VAE's convolutions in channels_last (CUDA).")
+    compile: bool = Field(False, description="Compile the transformer's repeated blocks for fast mode (CUDA).")
+    compile_cache: Path | None = Field(
+        None, description="Folder for compiled kernels, kept across restarts; null: $TORCHINDUCTOR_CACHE_DIR."
+    )
+    warmup: bool = Field(False, description="Run one image per warmup size before the worker reports ready.")
+    warmup_sizes: list[str] = Field(
+        ["1024x1024", "512x512"], max_length=16, description="WIDTHxHEIGHT sizes warmed up (and compiled) at start."
+    )
+    fp8_storage: bool = Field(
+        False, description="Store the transformer's weights in float8 (half the memory; changes the images)."
+    )
+
+    @field_validator("compile_cache", mode="plain")
+    @classmethod
+    def _cache_path(cls, value: Any, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+    @field_validator("warmup_sizes", mode="after")
+    @classmethod
+    def _sizes(cls, value: list[str]) -> list[str]:
+        for size in value:
+            match = WARMUP_SIZE.match(size)
+            if not match or any(int(side) % 64 or not 64 <= int(side) <= 8192 for side in match.groups()):
+                raise ValueError(f"{size!r} is not WIDTHxHEIGHT with sides multiples of 64 from 64 to 8192")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PerformanceConfig":
+        if self.balanced_reserve_gib >= self.balanced_vram_gib:
+            raise ValueError(
+                f"balanced_reserve_gib ({self.balanced_reserve_gib}) must be less than balanced_vram_gib "
+                f"({self.balanced_vram_gib})"
+            )
+        if self.compile and self.fp8_storage:
+            raise ValueError("compile and fp8_storage cannot both be on: float8 storage casts weights in hooks "
+                             "that compiled blocks cannot trace")
+        return self
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """The warm-up sizes as (width, height)."""
+        return [tuple(int(side) for side in WARMUP_SIZE.match(size).groups()) for size in self.warmup_sizes]
+
+
 class Config(_Section):
     paths: PathsConfig = PathsConfig.model_construct()
     models: ModelsConfig = ModelsConfig.model_construct()
@@ -283,6 +348,7 @@ class Config(_Section):
     upscale: UpscaleConfig = UpscaleConfig()
     erase: EraseConfig = EraseConfig()
     mqtt: MqttConfig = MqttConfig()
+    performance: PerformanceConfig = PerformanceConfig()
 
     source: Path | None = Field(None, exclude=True)
 

@@ -58,6 +58,11 @@ def _t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=_T5_MAX_LENGTH)
 
 
+def tokenizers():
+    """The byte-level CLIP and T5 tokenizers of the tiny model, built in memory: (clip, t5)."""
+    return _clip_tokenizer(), _t5_tokenizer()
+
+
 def build_tiny_flux(seed: int = 0):
     """A FluxPipeline of the real architecture at toy sizes, with random weights."""
     import torch

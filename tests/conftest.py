@@ -36,6 +36,42 @@ def tiny_dir(tmp_path_factory) -> Path:
     return root
 
 
+def tiny_flux_pipeline():
+    """The tiny FLUX in memory with more transformer blocks (2 double, 4 single), so that balanced
+    mode can stream some and keep others; every module in eval mode. Deterministic."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from fluxworker.tiny import build_tiny_flux
+
+    pipe = build_tiny_flux(0)
+    torch.manual_seed(1)
+    pipe.transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+        axes_dims_rope=(4, 4, 8))
+    for module in pipe.components.values():
+        if hasattr(module, "eval"):
+            module.eval()
+    return pipe
+
+
+def streaming_performance(pipe, **settings):
+    """Performance settings whose balanced budget is just under everything resident, so that T5 and
+    some transformer blocks stream (the tiny model's sizes, in GiB)."""
+    from fluxworker.config import PerformanceConfig
+    from fluxworker.engines.placement import GIB, encoder_places, pipeline_modules
+    from fluxworker.engines.streaming import tensor_bytes
+
+    encoder = sum(tensor_bytes(modules[i]) for modules, i in encoder_places(pipe.text_encoder_2))
+    total = sum(tensor_bytes(module) for module in pipeline_modules(pipe))
+    reserve = 256 * 1024
+    values = dict(balanced_vram_gib=(total - encoder + reserve - 4096) / GIB, balanced_reserve_gib=reserve / GIB,
+                  fuse_qkv=False, vae_channels_last=False)
+    values.update(settings)
+    return PerformanceConfig(**values)
+
+
 def write_config(folder: Path, tiny_dir: Path, **sections) -> Path:
     """A config in ``folder`` that uses the session's tiny models; ``sections`` override keys."""
     data = {

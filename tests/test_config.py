@@ -144,3 +144,35 @@ def test_bad_engine_settings_name_their_key(tmp_path, data, key):
     with pytest.raises(ConfigError) as caught:
         parse_config(data, tmp_path, "cfg.yaml")
     assert any(line.strip().startswith(key + ":") for line in str(caught.value).splitlines()), str(caught.value)
+
+
+def test_performance_defaults_keep_the_unmeasured_options_off(tmp_path):
+    performance = parse_config({}, tmp_path).performance
+    assert performance.start_mode == "balanced" and performance.balanced_vram_gib == 15.0
+    assert not performance.compile and not performance.warmup and not performance.fp8_storage
+    assert performance.sizes == [(1024, 1024), (512, 512)]
+
+
+def test_compile_cache_resolves_against_the_config_folder(tmp_path):
+    config = parse_config({"performance": {"compile_cache": "cache/inductor"}}, tmp_path)
+    assert config.performance.compile_cache == tmp_path / "cache" / "inductor"
+
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"warmup_sizes": ["1024"]}, "'1024' is not WIDTHxHEIGHT"),
+        ({"warmup_sizes": ["1000x1000"]}, "multiples of 64"),
+        ({"balanced_vram_gib": 4, "balanced_reserve_gib": 4.0}, "must be less than balanced_vram_gib"),
+        ({"compile": True, "fp8_storage": True}, "cannot both be on"),
+        ({"attention": "xformers"}, "got 'xformers'"),
+        ({"start_mode": "turbo"}, "got 'turbo'"),
+        ({"balanced_vram_gib": 0}, "got 0"),
+        ({"prompt_cache": -1}, "got -1"),
+    ],
+)
+def test_bad_performance_settings_name_their_key(tmp_path, values, fragment):
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"performance": values}, tmp_path, "cfg.yaml")
+    lines = [line for line in str(caught.value).splitlines() if line.strip().startswith("performance")]
+    assert lines and any(fragment in line for line in lines), str(caught.value)

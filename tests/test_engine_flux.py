@@ -1,13 +1,20 @@
-"""The FLUX engine in-process on the tiny real diffusers model (CPU, float32)."""
+"""The FLUX engine in-process on the tiny real diffusers model (CPU, float32).
 
+The performance tests run the GPU-side code (placement, streaming, speed-ups, compilation) on the
+CPU with ``accelerated=True``; only what CUDA itself does (side-stream copies, page-locked memory,
+generated kernels) is left to the GPU benchmark.
+"""
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import png_b64
-from fluxworker.config import DEFAULT_NO_TEXT_SUFFIX, LimitsConfig
+from conftest import png_b64, streaming_performance, tiny_flux_pipeline
+from fluxworker.config import DEFAULT_NO_TEXT_SUFFIX, LimitsConfig, PerformanceConfig
 from fluxworker.engines import RunContext
 from fluxworker.engines.flux import FluxEngine, fit
+from fluxworker.engines.prompts import PromptCache
 from fluxworker.errors import JobError
 from fluxworker.images import png_bytes
 from fluxworker.jobs import parse_job
@@ -86,3 +93,115 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         engine.load()
     assert caught.value.code == "model_not_found"
     assert "models.flux" in caught.value.message and str(tmp_path / "nothing") in caught.value.message
+
+
+# -- the performance settings --------------------------------------------------------------------
+
+def images(engine, *jobs, seed=4):
+    """PNG bytes of each (fields) job, in order."""
+    return [png_bytes(run(engine, seed=seed, **fields)[0].image) for fields in jobs]
+
+
+def test_on_the_cpu_the_gpu_features_stay_off_by_default(engine):
+    assert engine.placement is None and engine.tuned == [] and not engine.compiled
+    assert engine.mode == "fast"
+
+
+def test_an_engine_over_a_pipeline_in_memory_matches_one_loaded_from_disk(engine, tiny_dir):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(tiny_dir / "flux"), dtype=torch.float32)
+    in_memory = FluxEngine.from_pipeline(pipe, device="cpu", dtype=torch.float32)
+    job = dict(prompt="a blue sphere", width=64, height=128)
+    assert images(in_memory, job) == images(engine, job)
+    assert in_memory.ref.startswith("<FluxPipeline")
+
+
+def test_a_cached_prompt_makes_the_image_its_text_makes(engine, tiny_dir):
+    uncached = FluxEngine(str(tiny_dir / "flux"), device="cpu", dtype=torch.float32, no_text_suffix="x",
+                          performance=PerformanceConfig(prompt_cache=0))
+    uncached.load()
+    job = dict(prompt="a green cone")
+    hits = engine.prompts.hits
+    first, again = images(engine, job, job)
+    assert first == again == images(uncached, job)[0]
+    assert engine.prompts.hits == hits + 1
+    assert uncached.prompts.hits == 0 and len(uncached.prompts) == 0
+
+
+def test_the_prompt_cache_keeps_the_most_recently_used():
+    cache = PromptCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+
+
+def test_fast_and_balanced_make_identical_images_and_only_a_mode_change_moves_weights():
+    plain = FluxEngine.from_pipeline(tiny_flux_pipeline(), device="cpu", dtype=torch.float32)
+    pipe = tiny_flux_pipeline()
+    placed = FluxEngine.from_pipeline(pipe, device="cpu", dtype=torch.float32, accelerated=True,
+                                      performance=streaming_performance(pipe))
+    assert placed.mode == "balanced"  # the start mode
+    assert placed.placement.plan.transformer_streamed and placed.placement.plan.encoder_streamed
+    fast, balanced = dict(performance_mode="fast"), dict(performance_mode="balanced")
+    expected = images(plain, fast)[0]
+    assert images(placed, balanced, balanced, fast, fast, balanced) == [expected] * 5
+    moves = [(s["from"], s["to"]) for s in placed.placement.switches]
+    assert moves == [(None, "balanced"), ("balanced", "fast"), ("fast", "balanced")]
+    assert all(s.misses == 0 for s in placed.placement.streamers)
+
+
+def test_the_speed_ups_stay_within_rounding_of_the_plain_engine():
+    plain = FluxEngine.from_pipeline(tiny_flux_pipeline(), device="cpu", dtype=torch.float32)
+    pipe = tiny_flux_pipeline()
+    tuned = FluxEngine.from_pipeline(pipe, device="cpu", dtype=torch.float32, accelerated=True,
+                                     performance=streaming_performance(pipe, fuse_qkv=True, vae_channels_last=True))
+    assert any(name.startswith("fused qkv") for name in tuned.tuned) and "VAE channels_last" in tuned.tuned
+    attention = pipe.transformer.transformer_blocks[0]
+    attention = getattr(attention, "inner", attention).attn
+    assert attention.fused_projections and not hasattr(attention, "to_q")  # the unfused copies are gone
+    a = np.asarray(run(plain, seed=9)[0].image, dtype=int)
+    b = np.asarray(run(tuned, seed=9)[0].image, dtype=int)
+    assert np.abs(a - b).max() <= 2
+
+
+def test_warm_up_runs_inside_load_for_every_configured_size(tiny_dir, engine):
+    warm = FluxEngine(str(tiny_dir / "flux"), device="cpu", dtype=torch.float32, no_text_suffix=DEFAULT_NO_TEXT_SUFFIX,
+                      performance=PerformanceConfig(warmup=True, warmup_sizes=["64x64", "128x64"]))
+    warm.load()
+    assert set(warm.warmup_seconds) == {"fast 64x64", "fast 128x64"}
+    job = dict(prompt="a red cube", width=128, height=64)
+    assert images(warm, job) == images(engine, job)  # warming up changes no later image
+
+
+def test_compiled_blocks_warm_up_in_fast_mode_and_jobs_of_those_sizes_compile_nothing():
+    # The eager backend traces the blocks exactly as inductor would, without generating kernels,
+    # which is what a CPU can check; kernel generation and its disk cache need the GPU benchmark.
+    from torch._dynamo.utils import counters
+
+    from fluxworker.engines.tuning import uncompile_blocks
+
+    plain = FluxEngine.from_pipeline(tiny_flux_pipeline(), device="cpu", dtype=torch.float32)
+    pipe = tiny_flux_pipeline()
+    compiled = FluxEngine.from_pipeline(
+        pipe, device="cpu", dtype=torch.float32, accelerated=True, compile_backend="eager",
+        performance=streaming_performance(pipe, compile=True, warmup_sizes=["64x64"]))
+    try:
+        assert set(compiled.warmup_seconds) == {"fast 64x64", "balanced 64x64"} and compiled.mode == "balanced"
+        graphs = counters["stats"]["unique_graphs"]
+        jobs = [dict(performance_mode="fast"), dict(performance_mode="balanced"), dict(performance_mode="fast")]
+        assert images(compiled, *jobs) == images(plain, *jobs)
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        uncompile_blocks(pipe.transformer)
+
+
+def test_closing_takes_the_stand_ins_out_and_frees_the_pipelines():
+    pipe = tiny_flux_pipeline()
+    placed = FluxEngine.from_pipeline(pipe, device="cpu", dtype=torch.float32, accelerated=True,
+                                      performance=streaming_performance(pipe))
+    placed.close()
+    assert placed.pipes == {} and placed.placement is None
+    assert not any(type(m).__name__ == "_StreamedBlock" for m in pipe.transformer.modules())

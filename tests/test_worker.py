@@ -266,3 +266,15 @@ def test_the_stop_timeout_bounds_the_job_in_hand(tmp_path, tiny_dir, worker_fact
     assert worker.terminate(timeout=60) == 75
     assert read_record(tmp_path / "outputs", "too-long") is None
     assert (tmp_path / "inbox" / "processing" / "too-long.json").exists()
+
+
+def test_warm_up_finishes_before_the_worker_reports_ready(tmp_path, tiny_dir, worker_factory):
+    config = write_config(tmp_path, tiny_dir, performance={"warmup": True, "warmup_sizes": ["64x64", "128x64"]})
+    worker = worker_factory(config)
+    log = worker.log()
+    warmed = log.index("FLUX warmed up")
+    assert "fast 64x64" in log[warmed:] and "fast 128x64" in log[warmed:]
+    assert warmed < log.index("engine flux loaded") < log.index("worker ready")
+    outputs = tmp_path / "outputs"
+    drop(tmp_path / "inbox", small("after-warm-up"))
+    assert wait_record(outputs, "after-warm-up")["status"] == "done"

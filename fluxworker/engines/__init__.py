@@ -173,6 +173,7 @@ def build_engines(config: Config) -> EngineSet:
             dtype=resolve_dtype(models.dtype, device),
             no_text_suffix=config.worker.no_text_suffix,
             allow_download=models.allow_download,
+            performance=config.performance,
         )
     }
     missing: dict[str, str] = {}

@@ -2,56 +2,80 @@
 
 The three pipelines share one set of loaded modules (``from_pipe``), so switching job types never
 reloads weights. Noise comes from a CPU ``torch.Generator`` seeded per job, so a seed and the same
-parameters give the same image.
+parameters give the same image. Prompt embeddings are kept for reuse (``performance.prompt_cache``).
 
-Placement on CUDA (``performance_mode``):
-- ``fast``: every module stays on the GPU.
-- ``balanced``: diffusers' model offload; each module moves to the GPU only while it runs, so peak
-  VRAM is the largest module rather than the sum. Switching modes moves the modules once, on the
-  first job that asks for the other mode.
-On the CPU both modes are the same.
+On CUDA the engine applies the ``performance`` section at load: speed-ups that keep bfloat16
+numerics (:mod:`.tuning`), the weights' layout for each ``performance_mode`` (:mod:`.placement`):
+``fast`` keeps every weight on the GPU, ``balanced`` stays under a memory budget by streaming
+blocks from host memory. A job that asks for the other mode than the previous one moves the
+streamed blocks once. Compilation and warm-up, when configured, run inside :meth:`FluxEngine.load`,
+so the worker reports ready only after them. On the CPU none of this applies unless asked for
+(``accelerated=True``, which the benchmark's smoke run and the tests use).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ..config import looks_like_path
+from ..config import DEFAULT_NO_TEXT_SUFFIX, PerformanceConfig, looks_like_path
 from ..errors import JobError
 from ..images import to_mask, to_rgb
 from ..jobs import Job
 from . import Engine, Result, RunContext
-from .memory import guard_out_of_memory
+from .memory import free_memory, guard_out_of_memory
+from .prompts import PromptCache
 
 log = logging.getLogger(__name__)
 
 GUIDANCE_SCALE = 0.0  # schnell is guidance-distilled: guidance is off
 MAX_SEQUENCE_LENGTH = 256  # schnell's prompt length in T5 tokens
+WARMUP_STEPS = 1  # shapes, not steps, decide what compiles and what the GPU libraries set up
+GIB = 2**30
 
 
 class FluxEngine(Engine):
     name = "flux"
 
-    def __init__(self, ref: str, *, device: str, dtype, no_text_suffix: str, allow_download: bool = False):
+    def __init__(self, ref: str, *, device: str, dtype, no_text_suffix: str, allow_download: bool = False,
+                 performance: PerformanceConfig | None = None, accelerated: bool | None = None,
+                 compile_backend: str = "inductor"):
         self.ref = ref
         self.device = device
         self.dtype = dtype
         self.no_text_suffix = no_text_suffix
         self.allow_download = allow_download
+        self.performance = performance or PerformanceConfig()
+        # The GPU-side features (speed-ups, placement, compilation) are for CUDA; True turns them
+        # on for any device, so that the CPU can run the same code with tiny models.
+        self.accelerated = device == "cuda" if accelerated is None else accelerated
+        self.compile_backend = compile_backend
+        self.max_sequence_length = MAX_SEQUENCE_LENGTH
         self.pipes: dict[str, object] = {}
-        self.placement: str | None = None
-        self._offloaded_pipe = None
+        self.placement = None
+        self.prompts = PromptCache(self.performance.prompt_cache)
+        self.tuned: list[str] = []
+        self.compiled = False
+        self.warmup_seconds: dict[str, float] = {}
+
+    @classmethod
+    def from_pipeline(cls, pipe, *, device: str, dtype, no_text_suffix: str = DEFAULT_NO_TEXT_SUFFIX,
+                      **options) -> "FluxEngine":
+        """An engine over a FluxPipeline already in memory, prepared exactly as :meth:`load` prepares
+        the one it reads (speed-ups, placement, compilation, warm-up)."""
+        engine = cls(f"<{type(pipe).__name__} in memory>", device=device, dtype=dtype,
+                     no_text_suffix=no_text_suffix, **options)
+        engine.prepare(pipe)
+        return engine
 
     def load(self) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
-        from diffusers.utils import logging as dlogging
+        from diffusers import FluxPipeline
 
-        dlogging.disable_progress_bar()
         if looks_like_path(self.ref) and not Path(self.ref, "model_index.json").is_file():
             raise JobError(
                 "model_not_found",
@@ -65,6 +89,14 @@ class FluxEngine(Engine):
         except (OSError, ValueError) as exc:
             hint = "" if self.allow_download else " (downloads are off: set models.allow_download)"
             raise JobError("model_not_found", f"models.flux: cannot load {self.ref}: {exc}{hint}", "model") from None
+        self.prepare(base)
+
+    def prepare(self, base) -> None:
+        """Build the three pipelines over ``base``'s modules, apply the performance settings, and warm up."""
+        from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+        from diffusers.utils import logging as dlogging
+
+        dlogging.disable_progress_bar()
         # from_pipe re-applies the dtype the modules already have, which makes diffusers warn
         # about float32 modules even when there are none: quiet it for these two calls only.
         verbosity = dlogging.get_verbosity()
@@ -79,29 +111,80 @@ class FluxEngine(Engine):
             dlogging.set_verbosity(verbosity)
         for pipe in self.pipes.values():
             pipe.set_progress_bar_config(disable=True)
-        self._place("fast" if self.device != "cuda" else "balanced", base)
+        performance = self.performance
+        if self.accelerated:
+            from . import tuning
+            from .placement import Placement, plan_balanced
 
-    def _place(self, mode: str, pipe) -> None:
-        """Put the modules where ``mode`` wants them before ``pipe`` runs."""
-        if self.device != "cuda":
-            self.placement = "fast"  # loaded on the CPU already: nothing to move
-            return
-        if mode == "fast":
-            if self.placement != "fast":
-                if self._offloaded_pipe is not None:
-                    self._offloaded_pipe.remove_all_hooks()
-                    self._offloaded_pipe = None
-                self.pipes["text2img"].to("cuda")
-                self.placement = "fast"
-            return
-        # Offload hooks live on the shared modules but are tracked per pipeline, so the pipeline
-        # about to run takes them over.
-        if self.placement != "balanced" or self._offloaded_pipe is not pipe:
-            if self.placement == "fast":
-                self.pipes["text2img"].to("cpu")
-            pipe.enable_model_cpu_offload()
-            self._offloaded_pipe = pipe
-            self.placement = "balanced"
+            self.tuned = tuning.apply(base, performance, self.device, self.dtype)
+            plan = plan_balanced(base, int(performance.balanced_vram_gib * GIB),
+                                 int(performance.balanced_reserve_gib * GIB))
+            self.placement = Placement(base, self.device, plan, pin=self.device == "cuda")
+            self.placement.use(performance.start_mode)
+            if performance.compile:
+                if self.compile_backend == "inductor":
+                    log.info("compiled kernels are kept in %s", tuning.use_compile_cache(performance.compile_cache))
+                tuning.compile_blocks(base.transformer, backend=self.compile_backend)
+                self.compiled = True
+            if self.tuned:
+                log.info("FLUX speed-ups: %s", ", ".join(self.tuned))
+        else:
+            ignored = [key for key in ("compile", "fp8_storage") if getattr(performance, key)]
+            if ignored:
+                log.warning("performance.%s applies on CUDA only: ignored on %s", " and ".join(ignored), self.device)
+        if performance.warmup or self.compiled:
+            self.warm_up()
+
+    @property
+    def mode(self) -> str:
+        """The performance mode the weights are laid out for."""
+        return self.placement.mode if self.placement is not None else "fast"
+
+    def _place(self, mode: str) -> None:
+        if self.placement is not None:
+            self.placement.use(mode)
+
+    def embeddings(self, prompt: str):
+        """The prompt's (T5 embeddings, pooled CLIP embedding), from the cache or the encoders.
+        Call it under ``torch.inference_mode``."""
+        key = (prompt, self.max_sequence_length)
+        cached = self.prompts.get(key)
+        if cached is not None:
+            return cached
+        embeds, pooled, _ = self.pipes["text2img"].encode_prompt(
+            prompt=prompt, prompt_2=None, num_images_per_prompt=1, max_sequence_length=self.max_sequence_length)
+        self.prompts.put(key, (embeds, pooled))
+        return embeds, pooled
+
+    def _generate(self, pipe, mode: str, prompt: str, kwargs: dict, on_step_end=None) -> Image.Image:
+        import torch
+
+        self._place(mode)
+        with torch.inference_mode():
+            embeds, pooled = self.embeddings(prompt)
+            return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, guidance_scale=GUIDANCE_SCALE,
+                        max_sequence_length=self.max_sequence_length, output_type="pil",
+                        callback_on_step_end=on_step_end, **kwargs).images[0]
+
+    def warm_up(self) -> dict[str, float]:
+        """Make one short image per warm-up size in each mode that needs it (fast first when compiled,
+        then the start mode), so no job pays for first-time setup or compilation at these sizes."""
+        import torch
+
+        modes = list(dict.fromkeys((["fast"] if self.compiled else []) + [self.performance.start_mode]))
+        if self.placement is None:
+            modes = ["fast"]
+        for mode in modes:
+            for width, height in self.performance.sizes:
+                started = time.perf_counter()
+                self._generate(self.pipes["text2img"], mode, "", dict(
+                    width=width, height=height, num_inference_steps=WARMUP_STEPS,
+                    generator=torch.Generator(device="cpu").manual_seed(0)))
+                self.warmup_seconds[f"{mode} {width}x{height}"] = time.perf_counter() - started
+        self._place(self.performance.start_mode)
+        log.info("FLUX warmed up in %.1fs: %s", sum(self.warmup_seconds.values()),
+                 ", ".join(f"{key} {value:.1f}s" for key, value in self.warmup_seconds.items()))
+        return dict(self.warmup_seconds)
 
     def prompt_for(self, job: Job) -> str:
         prompt = job.spec.prompt or ""
@@ -115,14 +198,10 @@ class FluxEngine(Engine):
         spec = job.spec
         size = (spec.width, spec.height)
         kwargs = dict(
-            prompt=self.prompt_for(job),
             width=spec.width,
             height=spec.height,
             num_inference_steps=spec.num_inference_steps,
-            guidance_scale=GUIDANCE_SCALE,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
             generator=torch.Generator(device="cpu").manual_seed(ctx.seed),
-            output_type="pil",
         )
         if job.image is None:
             pipe = self.pipes["text2img"]
@@ -139,19 +218,27 @@ class FluxEngine(Engine):
             ctx.progress(step + 1, pipeline.num_timesteps)
             return {}
 
-        def generate():
-            self._place(spec.performance_mode, pipe)
-            with torch.inference_mode():
-                return pipe(callback_on_step_end=on_step_end, **kwargs).images[0]
-
         image = guard_out_of_memory(
-            generate, "the GPU ran out of memory for this job; try a smaller size or performance_mode balanced")
+            lambda: self._generate(pipe, spec.performance_mode, self.prompt_for(job), kwargs, on_step_end),
+            "the GPU ran out of memory for this job; try a smaller size or performance_mode balanced")
         return Result(image=image, seed=ctx.seed)
 
+    def stats(self) -> dict:
+        """What the engine did to be fast: speed-ups, placement and its moves, cache use, warm-up."""
+        return {
+            "mode": self.mode, "accelerated": self.accelerated, "tuned": list(self.tuned), "compiled": self.compiled,
+            "warmup_seconds": dict(self.warmup_seconds),
+            "prompt_cache": {"size": self.prompts.size, "hits": self.prompts.hits, "misses": self.prompts.misses},
+            "placement": self.placement.stats() if self.placement is not None else None,
+        }
+
     def close(self) -> None:
-        self.pipes.clear()
-        self._offloaded_pipe = None
+        if self.placement is not None:
+            self.placement.close()
         self.placement = None
+        self.pipes.clear()
+        self.prompts.clear()
+        free_memory()
 
 
 def fit(image: Image.Image, size: tuple[int, int], resample) -> Image.Image:

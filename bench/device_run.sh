@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one call on the device machine: the plain-diffusers reference, then the
+# project's benchmark, one after the other on the same card. Everything lands in $OUT:
+# diffusers_baseline.jsonl, gpu_bench.json, gpu_bench.png, both logs and the card's nvidia-smi line.
+# Needs .gpu-bench/ from bench/device_prep.sh (run that here first, at no device time cost).
+#
+#   device tool: run(command="bash bench/device_run.sh", carry=[".gpu-bench"], timeout_s=600)
+#
+# Expected: ~15 s installing wheels, ~2.5 min reference (~1.5 min of it the model-offload run),
+# ~3.5 min benchmark: about 6.5 min in all, under the 10-minute limit of one command.
+# SKIP_BASELINE=1 runs only the benchmark (on the same warm machine the reference still applies);
+# BENCH_ARGS passes options to bench/gpu.py (e.g. "--skip fp8").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-$PWD/gpu-bench-out}
+mkdir -p "$out"
+[ -f .gpu-bench/diffusers_baseline.py ] || { echo "device_run.sh: .gpu-bench/ missing: run bench/device_prep.sh and carry it" >&2; exit 2; }
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu-bench/whl/*.whl || exit 3
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/nvidia_smi.txt"
+python3 -c 'import sys, torch, diffusers, transformers; print("python", sys.version.split()[0], "torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)'
+
+if [ "${SKIP_BASELINE:-0}" != 1 ]; then
+    echo "== plain diffusers reference"
+    timeout "${BASELINE_TIMEOUT:-210}" python3 .gpu-bench/diffusers_baseline.py >"$out/baseline.log" 2>&1
+    echo "reference exit status $?"
+    grep '^{' "$out/baseline.log" | tail -n 20
+fi
+
+echo "== bench/gpu.py"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+timeout "${BENCH_TIMEOUT:-320}" python3 bench/gpu.py --budget-s "${BENCH_BUDGET:-290}" ${BENCH_ARGS:-} \
+    >"$out/gpu_bench.log" 2>&1
+status=$?
+echo "benchmark exit status $status"
+# The summary table ends the log; a run cut short still left its JSON, section by section.
+grep -v -i 'warn' "$out/gpu_bench.log" | tail -n 40
+[ -f "$out/gpu_bench.png" ] || python3 bench/report.py "$out/gpu_bench.json" --chart "$out/gpu_bench.png"
+exit "$status"

@@ -133,6 +133,9 @@ class WorkerConfig(_Section):
     )
     no_text_suffix: str = Field(DEFAULT_NO_TEXT_SUFFIX, min_length=1, max_length=1000)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    png_compression: int = Field(
+        1, ge=0, le=9, description="zlib level of output PNGs: 1 encodes fastest, 9 makes the smallest files."
+    )
 
 
 class HttpConfig(_Section):

@@ -123,11 +123,11 @@ def to_mask(image: Image.Image) -> Image.Image:
     return to_rgb(image).convert("L")
 
 
-def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
-    """Encode a PNG; the same pixels and text always give the same bytes."""
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None, compress_level: int = 6) -> bytes:
+    """Encode a PNG; the same pixels, text and level always give the same bytes."""
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_itxt(key, value)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()

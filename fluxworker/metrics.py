@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -34,9 +35,15 @@ class JobMetrics:
         self.steps_per_second: float | None = data.get("steps_per_second")
         self.model_load_seconds: dict[str, float] = {}
         self.gpu: dict[str, float] = {}
+        self._lock = threading.Lock()  # the engine's thread and the finisher's both record
 
     def record(self, *, job_type: str, engine: str, transport: str, outcome: str, run_s: float,
                steps: int | None) -> None:
+        with self._lock:
+            self._record(job_type, engine, transport, outcome, run_s, steps)
+
+    def _record(self, job_type: str, engine: str, transport: str, outcome: str, run_s: float,
+                steps: int | None) -> None:
         key = f"{job_type}|{engine}|{transport}|{outcome}"
         self.jobs[key] = self.jobs.get(key, 0) + 1
         if outcome == "rejected":
@@ -53,10 +60,12 @@ class JobMetrics:
         self.gpu = _gpu_memory()
 
     def save(self) -> None:
-        write_atomic(self.path, json.dumps({
-            "jobs": self.jobs, "durations": self.durations, "steps_per_second": self.steps_per_second,
-            "model_load_seconds": self.model_load_seconds, "gpu": self.gpu,
-        }).encode(), durable=False)
+        with self._lock:
+            data = json.dumps({
+                "jobs": self.jobs, "durations": self.durations, "steps_per_second": self.steps_per_second,
+                "model_load_seconds": self.model_load_seconds, "gpu": self.gpu,
+            }).encode()
+            write_atomic(self.path, data, durable=False)
 
 
 def _gpu_memory() -> dict[str, float]:

@@ -139,6 +139,10 @@ class MqttBridge:
         self.client.loop_stop()
         self._thread = None
 
+    def on_finished(self, record: dict) -> None:
+        """A job's completion record was written (called from the worker's finishing thread)."""
+        self._events.put(("finished", record["id"]))
+
     def on_status(self, status: dict) -> None:
         """The worker's status changed or its job made progress (called from the worker's thread)."""
         job = status.get("job")
@@ -207,6 +211,8 @@ class MqttBridge:
             self._settle(value)
         elif kind == "status":
             self._on_worker_status(value)
+        elif kind == "finished":
+            self._finished(value)
         elif kind == "connected":
             if value:
                 self.max_bytes = min(self.cfg.max_publish_bytes, int(value))
@@ -316,8 +322,7 @@ class MqttBridge:
     def _on_worker_status(self, status: dict) -> None:
         job = status.get("job") if status.get("state") == "running" else None
         if self._running and (job is None or job.get("id") != self._running["id"]):
-            self._finished(self._running["id"])
-            self._running = None
+            self._running = None  # its results go out once its record is written (on_finished)
         if job and is_valid_id(job.get("id")):
             self._state_dirty |= self._running is None
             self._running = job

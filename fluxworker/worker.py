@@ -16,6 +16,7 @@ import select
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,8 +26,9 @@ from watchdog.observers.polling import PollingObserver
 
 from . import __version__
 from .config import Config
-from .engines import EngineSet, RunContext, build_engines
+from .engines import EngineSet, Result, RunContext, build_engines
 from .errors import JobError
+from .finisher import Finisher
 from .images import png_bytes
 from .inbox import Inbox, WorkerBusy, is_job_name, write_atomic
 from .jobs import Job, done_record, draw_seed, failed_record, is_valid_id, now_iso, parse_job, parse_json, spec_json
@@ -40,6 +42,18 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_STOP_TIMEOUT = 75  # the job in hand outlasted stop_timeout; it runs again at the next start
 MAX_ATTEMPTS = 3  # a job that crashed the worker this many times is failed instead of rerun
+
+
+@dataclass
+class _Finished:
+    """A job the engine is done with, waiting for its results to be written."""
+
+    job: Job
+    path: Path
+    record: dict
+    result: Result | None
+    started: float
+    steps: int | None
 
 
 class StopNow(Exception):
@@ -134,6 +148,9 @@ class Worker:
         self._next_retention = 0.0
         self._blocked: dict | None = None  # outputs/ could not be written: jobs wait in the inbox
         self.status_listeners: list[Callable[[dict], None]] = []  # told of every status change and step
+        self.finish_listeners: list[Callable[[dict], None]] = []  # told of every completion record written
+        self.finisher = Finisher(self._finish)
+        self._status_lock = threading.Lock()
 
     # -- signals --------------------------------------------------------------------------
 
@@ -155,23 +172,25 @@ class Worker:
     # -- status ---------------------------------------------------------------------------
 
     def _set_status(self, state: str, job: dict | None = None, **extra) -> None:
-        if self._blocked is not None and state == "idle":
-            state, extra = "blocked", {**extra, "error": self._blocked}
-        self._status = {
-            "pid": os.getpid(),
-            "version": __version__,
-            "state": state,
-            "ready": state in ("idle", "running"),
-            "engines": sorted(self.engines.engines) if self.engines else [],
-            "unavailable": dict(self.engines.missing) if self.engines else {},
-            "job": job,
-            "jobs_done": self.jobs_done,
-            "updated_at": now_iso(),
-            **extra,
-        }
-        self.inbox.write_status(self._status)
-        for listener in self.status_listeners:
-            listener(self._status)
+        """Replace the status file (the engine's thread and the finisher's both report here)."""
+        with self._status_lock:
+            if self._blocked is not None and state == "idle":
+                state, extra = "blocked", {**extra, "error": self._blocked}
+            self._status = {
+                "pid": os.getpid(),
+                "version": __version__,
+                "state": state,
+                "ready": state in ("idle", "running"),
+                "engines": sorted(self.engines.engines) if self.engines else [],
+                "unavailable": dict(self.engines.missing) if self.engines else {},
+                "job": job,
+                "jobs_done": self.jobs_done,
+                "updated_at": now_iso(),
+                **extra,
+            }
+            self.inbox.write_status(self._status)
+            for listener in self.status_listeners:
+                listener(self._status)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -198,12 +217,14 @@ class Worker:
             if self.stopping:
                 return EXIT_OK
             observer = self._watch()
+            self.finisher.start()
             self._set_status("idle")
             log.info("worker ready: inbox %s, outputs %s", self.inbox.root, self.inbox.outputs)
             notify(f"READY=1\nSTATUS=ready: engines {', '.join(sorted(self.engines.engines)) or 'none'}")
             return self._loop()
         finally:
             notify("STOPPING=1")
+            self.finisher.close()
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
@@ -222,6 +243,7 @@ class Worker:
 
         bridge = MqttBridge(self.config, self.inbox)
         self.status_listeners.append(bridge.on_status)
+        self.finish_listeners.append(bridge.on_finished)
         bridge.start()
         return bridge
 
@@ -290,8 +312,8 @@ class Worker:
             return age >= self.config.inbox.settle_seconds
 
     def _process(self, name: str, mtime: float) -> bool:
-        if not self._ready(name, mtime):
-            return False
+        if self.finisher.busy(name) or not self._ready(name, mtime):
+            return False  # a copy of a job still being finished waits for it to be done
         path = self.inbox.claim(name)
         if path is None:
             return False
@@ -333,6 +355,8 @@ class Worker:
         return Job(spec, job.image, job.mask), seed
 
     def _run(self, job: Job, path: Path, queued_s: float) -> None:
+        """Run the job on its engine, then hand it to the finisher (which writes its results while
+        the engine moves on to the next job)."""
         started = time.monotonic()
         job, seed = self._resolve_seed(job, path)
         progress = {"id": job.id, "type": job.type, "engine": job.engine, "step": 0, "total": None,
@@ -344,12 +368,11 @@ class Worker:
             self._set_status("running", progress)
             self._check_stop()
 
-        png = None
+        result = None
         try:
             engine = self.engines.get(job.engine)
             result = engine.run(job, RunContext(seed=seed, progress=on_progress))
             run_s = time.monotonic() - started
-            png = png_bytes(result.image, job_parameters(job, result.seed, result.image.size))
             record = done_record(
                 job, seed=result.seed, width=result.image.width, height=result.image.height,
                 timings={"queued_s": queued_s, "run_s": run_s, "total_s": queued_s + run_s},
@@ -360,20 +383,31 @@ class Worker:
             record = failed_record(job.id, exc, job.type)
         except Exception as exc:
             record = failed_record(job.id, self._internal_error(job, exc), job.type)
+        self.finisher.submit(path.name, _Finished(job, path, record, result, started, progress["step"] or None))
+        self._set_status("idle")
+
+    def _finish(self, done: "_Finished") -> None:
+        """On the finisher's thread: the image (encoded here), then the completion record, then
+        the job file goes. When outputs/ cannot take them, the job goes back to the queue."""
+        job, record = done.job, done.record
+        png = None
         try:
-            if png is not None:
+            if done.result is not None:
+                text = job_parameters(job, done.result.seed, done.result.image.size)
+                png = png_bytes(done.result.image, text, self.config.worker.png_compression)
                 self.inbox.write_output(job.output_name, png)
-            self.inbox.finish(path, record)
+            self.inbox.finish(done.path, record)
         except OSError as exc:
-            self._block(job, path, exc, len(png or b"") + 4096)
+            self._block(job, done.path, exc, len(png or b"") + 4096)
             return
         self.jobs_done += 1
-        elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - done.started
         self.metrics.model_load_seconds = dict(self.engines.load_seconds)
         self.metrics.record(job_type=job.type, engine=job.engine, transport=job.spec.transport,
-                            outcome=record["status"], run_s=elapsed, steps=progress["step"] or None)
+                            outcome=record["status"], run_s=elapsed, steps=done.steps)
         self.metrics.save()
-        self._set_status("idle")
+        for listener in self.finish_listeners:
+            listener(record)
         transport = job.spec.transport
         if record["status"] == "done":
             log.info("job %s type=%s engine=%s done in %.3fs transport=%s url=%s", job.id, job.type, job.engine,
@@ -386,14 +420,14 @@ class Worker:
     def _block(self, job: Job, path: Path, exc: OSError, size: int) -> None:
         """outputs/ cannot take this job's results (full, read-only, gone): the job goes back to the
         head of the queue, and no job runs until outputs/ can take them again."""
-        self.inbox.requeue(path)
-        self._blocked = {
+        self._blocked = {  # set first: the engine's thread must not claim the job again meanwhile
             "code": "outputs_unwritable",
             "message": f"cannot write to {self.inbox.outputs}: {exc.strerror or exc}; jobs wait in the "
                        "inbox until it can be written again",
             "since": now_iso(),
             "bytes": size,
         }
+        self.inbox.requeue(path)
         log.error("job %s put back in the queue: %s", job.id, self._blocked["message"])
         self._set_status("idle")
 

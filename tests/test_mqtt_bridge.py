@@ -55,15 +55,16 @@ def online(probe, topic="fluxworker/status"):
 
 def finish_like_the_worker(bridge, job_id, image_size=(64, 64)):
     """Claim the job, write its image and completion record as the worker does, and report the
-    status changes the worker would report."""
+    status changes and the finished record as the worker would."""
     inbox = bridge.inbox
     path = wait_for(lambda: inbox.claim(f"{job_id}.json"), timeout=10, what=f"{job_id} in the inbox")
     job = parse_job(json.loads(path.read_text()), bridge.config.limits)
     bridge.on_status({"state": "running", "job": {"id": job_id, "type": "generate", "step": 1, "total": 4}})
     inbox.write_output(job.output_name, png_bytes(Image.new("RGB", image_size, (9, 9, 9))))
     record = done_record(job, seed=7, width=image_size[0], height=image_size[1], timings={"run_s": 0.1})
+    bridge.on_status({"state": "idle", "job": None})  # the engine is free before the record is written
     inbox.finish(path, record)
-    bridge.on_status({"state": "idle", "job": None})
+    bridge.on_finished(record)
     return record
 
 
@@ -231,9 +232,11 @@ def test_a_message_over_the_size_limit_is_not_published_and_the_error_says_why(
     job = parse_job(json.loads(path.read_text()), bridge.config.limits)
     noise = Image.frombytes("RGB", (256, 256), os.urandom(256 * 256 * 3))  # incompressible: ~200 kB
     bridge.inbox.write_output(job.output_name, png_bytes(noise))
-    bridge.inbox.finish(path, done_record(job, seed=1, width=256, height=256, timings={}))
+    record = done_record(job, seed=1, width=256, height=256, timings={})
     bridge.on_status({"state": "running", "job": {"id": "big-image", "step": 4, "total": 4}})
     bridge.on_status({"state": "idle", "job": None})
+    bridge.inbox.finish(path, record)
+    bridge.on_finished(record)
     assert probe.wait_message("fluxworker/jobs/big-image/result").json()["status"] == "done"
     error = probe.wait_message("fluxworker/errors").json()
     assert error["id"] == "big-image" and error["error"]["code"] == "message_too_large"

@@ -75,7 +75,9 @@ class FluxEngine(Engine):
     def load(self) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         from diffusers import FluxPipeline
+        from diffusers.utils import logging as dlogging
 
+        dlogging.disable_progress_bar()  # a service's log is not a terminal
         if looks_like_path(self.ref) and not Path(self.ref, "model_index.json").is_file():
             raise JobError(
                 "model_not_found",

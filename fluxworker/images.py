@@ -12,7 +12,6 @@ import binascii
 import io
 import re
 import warnings
-from pathlib import Path
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 

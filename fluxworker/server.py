@@ -17,7 +17,8 @@ from cheroot import wsgi
 from .config import Config
 from .http import Api, read_api_key
 from .systemd import notify
-from .worker import Waker, run_worker
+from .wakeup import Waker
+from .worker import run_worker
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
@@ -30,12 +28,13 @@ from .engines import EngineSet, Result, RunContext, build_engines
 from .errors import JobError
 from .finisher import Finisher
 from .images import png_bytes
-from .inbox import Inbox, WorkerBusy, is_job_name, write_atomic
+from .inbox import Inbox, WorkerBusy, write_atomic
 from .jobs import Job, done_record, draw_seed, failed_record, is_valid_id, now_iso, parse_job, parse_json, spec_json
 from .metadata import job_parameters
 from .metrics import SNAPSHOT_NAME, JobMetrics
 from .retention import enforce as enforce_retention
 from .systemd import notify
+from .wakeup import InboxEvents, Waker
 
 log = logging.getLogger(__name__)
 
@@ -58,77 +57,6 @@ class _Finished:
 
 class StopNow(Exception):
     """Raised inside a job when a stop was requested and the stop timeout has passed."""
-
-
-class Waker:
-    """A self-pipe: any thread, and signals, wake the loop sleeping in :meth:`wait`."""
-
-    def __init__(self):
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
-
-    def notify(self) -> None:
-        try:
-            os.write(self._write, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full or closed: the loop is awake anyway
-
-    def wait(self, timeout: float) -> bool:
-        """Sleep until woken or ``timeout``; True when woken."""
-        ready, _, _ = select.select([self._read], [], [], max(0.0, timeout))
-        if not ready:
-            return False
-        try:
-            while os.read(self._read, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        return True
-
-    def attach_signals(self) -> None:
-        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-
-    def close(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.set_wakeup_fd(-1)
-            if previous not in (-1, self._write):
-                signal.set_wakeup_fd(previous)
-        os.close(self._read)
-        os.close(self._write)
-
-
-class _InboxEvents(FileSystemEventHandler):
-    """File events are only hints that the inbox changed; the scan decides what is there.
-
-    The watch is recursive although only the top folder holds queued jobs: a claim renames a file
-    into processing/, and watchdog holds back a rename whose destination it does not watch for
-    half a second, delaying every event behind it.
-    """
-
-    def __init__(self, root: Path, waker: Waker):
-        self.root = os.fspath(root)
-        self.waker = waker
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        path = os.fsdecode(event.dest_path or event.src_path)
-        folder, name = os.path.split(path)
-        if folder == self.root and is_job_name(name):
-            self.waker.notify()
-
-
-class _ShutdownRaceFilter(logging.Filter):
-    """Drop watchdog's report of an event read while its observer stops.
-
-    Claims rename files out of the watched folder; watchdog holds such unpaired moves back and
-    releases them when the observer closes, then logs this line although nothing went wrong.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "called when the thread is inactive" not in record.getMessage()
-
-
-logging.getLogger("watchdog.observers.inotify").addFilter(_ShutdownRaceFilter())
 
 
 class Worker:
@@ -249,7 +177,7 @@ class Worker:
 
     def _watch(self):
         observer = PollingObserver(timeout=1.0) if self.config.inbox.polling else Observer()
-        observer.schedule(_InboxEvents(self.inbox.root, self.waker), str(self.inbox.root), recursive=True)
+        observer.schedule(InboxEvents(self.inbox.root, self.waker), str(self.inbox.root), recursive=True)
         observer.daemon = True
         observer.start()
         return observer

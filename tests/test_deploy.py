@@ -12,7 +12,6 @@ import site
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import yaml

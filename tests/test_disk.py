@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from conftest import ServerProcess, drop, wait_for, wait_record, write_config
+from conftest import drop, wait_for, wait_record, write_config
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 

@@ -1,6 +1,5 @@
 """The HTTP API on a real server (cheroot) on a free 127.0.0.1 port, with the tiny models."""
 
-import base64
 import http.client
 import io
 import json
@@ -12,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import ServerProcess, png_b64, read_record, wait_for, wait_record, write_config
+from conftest import ServerProcess, png_b64, wait_for, wait_record, write_config
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,10 @@
 """The worker end to end: real subprocesses, real folders, the tiny real FLUX model on the CPU."""
 
-import base64
-import io
 import json
 import os
 import signal
 import time
 
-import pytest
 from PIL import Image
 
 from conftest import drop, png_b64, read_record, run_cli, wait_for, wait_record, write_config

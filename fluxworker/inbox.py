@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import json
 import logging
 import os
@@ -295,9 +296,39 @@ class Inbox:
             return state
         return self.completion(job_id)
 
-    def records(self) -> Iterator[dict]:
-        for path in self.outputs.glob("*.json"):
-            if is_job_name(path.name):
-                record = read_json(path)
-                if isinstance(record, dict):
-                    yield record
+    def recent(self, limit: int, status: str | None = None) -> list[dict]:
+        """The newest completion records (``status`` ones only, when given), newest first.
+
+        Records are ordered by when their file was written, and only as many are read as the
+        answer needs: outputs/ may hold any number of them.
+        """
+        if limit < 1:
+            return []
+        wanted = limit
+        while True:
+            newest = heapq.nlargest(wanted, self._record_files())
+            found = []
+            for _, name in newest:
+                record = read_json(self.outputs / name)
+                if isinstance(record, dict) and (status is None or record.get("status") == status):
+                    found.append(record)
+                    if len(found) == limit:
+                        return found
+            if len(newest) < wanted:  # every record has been looked at
+                return found
+            wanted *= 4
+
+    def _record_files(self) -> Iterator[tuple[int, str]]:
+        """``(modification time, name)`` of each completion record, unordered."""
+        try:
+            with os.scandir(self.outputs) as it:
+                for entry in it:
+                    if not is_job_name(entry.name):
+                        continue
+                    try:
+                        if entry.is_file(follow_symlinks=False):
+                            yield entry.stat(follow_symlinks=False).st_mtime_ns, entry.name
+                    except OSError:
+                        continue
+        except FileNotFoundError:
+            return

@@ -281,20 +281,31 @@ class Inbox:
         record = self.completion(job_id)
         if record is not None:
             return record
-        # A job only moves forward (inbox, processing, record), so looking in that order
-        # cannot miss one that moves while we look.
+        # A job moves forward (queue, processing, record), except that a worker starting up puts
+        # the jobs a crash left in processing/ back in the queue (so does a worker that cannot
+        # write its outputs). Looking at the queue, processing/, the queue again and the record,
+        # in that order, cannot miss a job that moves while we look.
         name = f"{job_id}.json"
-        for position, entry in enumerate(self.scan(), start=1):
-            if entry.name == name:
-                return {"id": job_id, "status": "queued", "position": position}
-        if (self.processing / name).exists():
+        position = self._position(name)
+        if position is None and (self.processing / name).exists():
             status = self.read_status() or {}
             job = status.get("job") or {}
             state = {"id": job_id, "status": "running", "step": 0, "total": None}
             if job.get("id") == job_id:
                 state.update(step=job.get("step", 0), total=job.get("total"))
             return state
+        if position is None:
+            position = self._position(name)
+        if position is not None:
+            return {"id": job_id, "status": "queued", "position": position}
         return self.completion(job_id)
+
+    def _position(self, name: str) -> int | None:
+        """Where a job file stands in the queue (1 = next), or None when it is not queued."""
+        for position, entry in enumerate(self.scan(), start=1):
+            if entry.name == name:
+                return position
+        return None
 
     def recent(self, limit: int, status: str | None = None) -> list[dict]:
         """The newest completion records (``status`` ones only, when given), newest first.

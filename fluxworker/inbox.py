@@ -23,6 +23,7 @@ import heapq
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ from .jobs import JobSpec, is_valid_id, spec_json
 log = logging.getLogger(__name__)
 
 STATUS_NAME = ".status.json"
+# What write_atomic and outputs_writable write before the rename or the removal; a writer killed
+# in between leaves it behind.
+TEMPORARY_NAME = re.compile(r"^\.(tmp-\d+-\d+-.+|probe-\d+)$")
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -249,6 +253,28 @@ class Inbox:
                 probe.unlink()
             except OSError:
                 pass
+
+    def remove_abandoned(self, older_than: float) -> list[Path]:
+        """Remove the temporary files that writers killed mid-write left behind (in the inbox, its
+        folders and outputs/), once they are ``older_than`` seconds: no write takes that long, so
+        no file still being written goes."""
+        removed = []
+        limit = time.time() - older_than
+        for folder in (self.root, self.processing, self.failed, self.root / "mqtt", self.root / "mqtt" / "pending",
+                       self.outputs):
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                try:
+                    if (TEMPORARY_NAME.match(entry.name) and entry.is_file(follow_symlinks=False)
+                            and entry.stat(follow_symlinks=False).st_mtime < limit):
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+                except OSError:
+                    continue
+        return removed
 
     def discard(self, processing_path: Path) -> None:
         """Drop a duplicate of a job that already has its completion record."""

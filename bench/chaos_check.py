@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from fluxworker.inbox import TEMPORARY_NAME
+
 DONE = re.compile(r"job (\S+) type=\S+ engine=\S+ done in ")
 
 
@@ -96,6 +98,11 @@ def _leftovers(folder: Path) -> dict[str, list[str]]:
     return found
 
 
+def _temporaries(folder: Path) -> int:
+    """Temporary files of writers killed mid-write (the worker removes them once an hour old)."""
+    return sum(1 for path in folder.rglob(".*") if TEMPORARY_NAME.match(path.name))
+
+
 def check(chaos, producers, follower, watcher) -> dict:
     """Count and explain; ``lines`` is the printed summary, the last line the verdict."""
     outputs = chaos.folder / "outputs"
@@ -163,6 +170,7 @@ def check(chaos, producers, follower, watcher) -> dict:
         "tracebacks": sum(log.count("Traceback") for log in service_logs),
         "producer_errors": [e for p in producers for e in p.errors],
         "leftover_files": _leftovers(chaos.folder),
+        "temporary_files_of_killed_writers": _temporaries(chaos.folder),
     }
     report["lines"] = summary(report)
     return report
@@ -186,7 +194,8 @@ def summary(r: dict) -> list[str]:
         f"redeliveries and resubmissions dropped as duplicates: {r['duplicates_dropped']}; images written "
         f"again by a rerun before their record: {r['images_rewritten_before_record']}",
         f"tracebacks in service logs: {r['tracebacks']}; producer errors: {len(r['producer_errors'])}; "
-        f"files left: {sum(map(len, r['leftover_files'].values()))}",
+        f"files left: {sum(map(len, r['leftover_files'].values()))}; temporary files of writers killed "
+        f"mid-write: {r['temporary_files_of_killed_writers']} (the worker removes them once an hour old)",
     ]
     if r["lost_ids"]:
         lines.append(f"lost: {' '.join(r['lost_ids'][:20])}")

@@ -165,6 +165,8 @@ def check(chaos, producers, follower, watcher) -> dict:
         "broker_restarts": faults.broker_restarts,
         "broker_kills": len(faults.broker_kills),
         "worker_runs": chaos.worker.runs,
+        # A kill between a job's record and its log line loses the line: at most one per kill.
+        "completed_and_logged": sum(1 for job_id in completed if done_lines[job_id] >= 1),
         "duplicates_dropped": sum(log.count("duplicate dropped") for log in worker_logs),
         "images_rewritten_before_record": len(reruns),
         "tracebacks": sum(log.count("Traceback") for log in service_logs),
@@ -191,6 +193,7 @@ def summary(r: dict) -> list[str]:
         f"failed: {len(r['failed'])} {' '.join(r['failed'][:10])}; broken images: {len(r['broken_images'])}",
         f"http jobs seen done through GET /jobs/<id>: {r['http_followed_done']}/{t['http']}; "
         f"reported unknown after acceptance: {len(r['http_unknown_after_accept'])}",
+        f"completed jobs with their \"done\" line in a worker log: {r['completed_and_logged']}/{r['completed']}",
         f"redeliveries and resubmissions dropped as duplicates: {r['duplicates_dropped']}; images written "
         f"again by a rerun before their record: {r['images_rewritten_before_record']}",
         f"tracebacks in service logs: {r['tracebacks']}; producer errors: {len(r['producer_errors'])}; "

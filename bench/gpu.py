@@ -215,7 +215,6 @@ class Bench:
             self.sync()
             figures[name] = round(5 * GIB / (time.perf_counter() - started) / 1e9, 1)
         self.results["bandwidth"] = figures
-        del host, device
 
     def upscale(self) -> None:
         from fluxworker.engines.esrgan import UpscaleEngine

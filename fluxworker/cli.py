@@ -92,10 +92,10 @@ def cmd_status(args) -> int:
     inbox = Inbox(config.paths.inbox, config.paths.outputs)
     status = inbox.read_status() or {}
     queue = inbox.scan()
-    records = sorted(inbox.records(), key=lambda r: str(r.get("finished_at", "")), reverse=True)
+    records = inbox.recent(args.last)
     if args.json:
         print(json.dumps({"worker": status, "queued": [e.name[:-5] for e in queue],
-                          "recent": records[: args.last]}, indent=2))
+                          "recent": records}, indent=2))
         return 0
     state = status.get("state", "never started")
     pid = status.get("pid")
@@ -118,8 +118,8 @@ def cmd_status(args) -> int:
     print(f"queued: {len(queue)}" + (": " + ", ".join(e.name[:-5] for e in queue[:10]) if queue else ""))
     if len(queue) > 10:
         print(f"  ... and {len(queue) - 10} more")
-    print(f"last {min(args.last, len(records))} results:")
-    for record in records[: args.last]:
+    print(f"last {len(records)} results:")
+    for record in records:
         if record.get("status") == "done":
             detail = f"{record.get('url')} seed={record.get('seed')} in {record.get('timings', {}).get('run_s', 0):.2f}s"
         else:

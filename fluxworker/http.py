@@ -282,9 +282,7 @@ class Api:
         status = query.get("status")
         if status not in (None, "done", "failed"):
             raise ApiError(400, "invalid_choice", "status: must be done or failed", "status")
-        records = [r for r in self.inbox.records() if status is None or r.get("status") == status]
-        records.sort(key=lambda r: str(r.get("finished_at", "")), reverse=True)
-        return _json_response(200, {"jobs": records[:limit]})
+        return _json_response(200, {"jobs": self.inbox.recent(limit, status)})
 
     def output(self, name: str):
         match = _OUTPUT_NAME.match(name)

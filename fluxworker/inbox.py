@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,9 @@ from .jobs import JobSpec, is_valid_id, spec_json
 log = logging.getLogger(__name__)
 
 STATUS_NAME = ".status.json"
+# What write_atomic and outputs_writable write before the rename or the removal; a writer killed
+# in between leaves it behind.
+TEMPORARY_NAME = re.compile(r"^\.(tmp-\d+-\d+-.+|probe-\d+)$")
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -249,6 +254,28 @@ class Inbox:
             except OSError:
                 pass
 
+    def remove_abandoned(self, older_than: float) -> list[Path]:
+        """Remove the temporary files that writers killed mid-write left behind (in the inbox, its
+        folders and outputs/), once they are ``older_than`` seconds: no write takes that long, so
+        no file still being written goes."""
+        removed = []
+        limit = time.time() - older_than
+        for folder in (self.root, self.processing, self.failed, self.root / "mqtt", self.root / "mqtt" / "pending",
+                       self.outputs):
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                try:
+                    if (TEMPORARY_NAME.match(entry.name) and entry.is_file(follow_symlinks=False)
+                            and entry.stat(follow_symlinks=False).st_mtime < limit):
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+                except OSError:
+                    continue
+        return removed
+
     def discard(self, processing_path: Path) -> None:
         """Drop a duplicate of a job that already has its completion record."""
         processing_path.unlink(missing_ok=True)
@@ -293,24 +320,65 @@ class Inbox:
         record = self.completion(job_id)
         if record is not None:
             return record
-        # A job only moves forward (inbox, processing, record), so looking in that order
-        # cannot miss one that moves while we look.
+        # A job moves forward (queue, processing, record), except that a worker starting up puts
+        # the jobs a crash left in processing/ back in the queue (so does a worker that cannot
+        # write its outputs). Looking at the queue, processing/, the queue again and the record,
+        # in that order, cannot miss a job that moves while we look.
         name = f"{job_id}.json"
-        for position, entry in enumerate(self.scan(), start=1):
-            if entry.name == name:
-                return {"id": job_id, "status": "queued", "position": position}
-        if (self.processing / name).exists():
+        position = self._position(name)
+        if position is None and (self.processing / name).exists():
             status = self.read_status() or {}
             job = status.get("job") or {}
             state = {"id": job_id, "status": "running", "step": 0, "total": None}
             if job.get("id") == job_id:
                 state.update(step=job.get("step", 0), total=job.get("total"))
             return state
+        if position is None:
+            position = self._position(name)
+        if position is not None:
+            return {"id": job_id, "status": "queued", "position": position}
         return self.completion(job_id)
 
-    def records(self) -> Iterator[dict]:
-        for path in self.outputs.glob("*.json"):
-            if is_job_name(path.name):
-                record = read_json(path)
-                if isinstance(record, dict):
-                    yield record
+    def _position(self, name: str) -> int | None:
+        """Where a job file stands in the queue (1 = next), or None when it is not queued."""
+        for position, entry in enumerate(self.scan(), start=1):
+            if entry.name == name:
+                return position
+        return None
+
+    def recent(self, limit: int, status: str | None = None) -> list[dict]:
+        """The newest completion records (``status`` ones only, when given), newest first.
+
+        Records are ordered by when their file was written, and only as many are read as the
+        answer needs: outputs/ may hold any number of them.
+        """
+        if limit < 1:
+            return []
+        wanted = limit
+        while True:
+            newest = heapq.nlargest(wanted, self._record_files())
+            found = []
+            for _, name in newest:
+                record = read_json(self.outputs / name)
+                if isinstance(record, dict) and (status is None or record.get("status") == status):
+                    found.append(record)
+                    if len(found) == limit:
+                        return found
+            if len(newest) < wanted:  # every record has been looked at
+                return found
+            wanted *= 4
+
+    def _record_files(self) -> Iterator[tuple[int, str]]:
+        """``(modification time, name)`` of each completion record, unordered."""
+        try:
+            with os.scandir(self.outputs) as it:
+                for entry in it:
+                    if not is_job_name(entry.name):
+                        continue
+                    try:
+                        if entry.is_file(follow_symlinks=False):
+                            yield entry.stat(follow_symlinks=False).st_mtime_ns, entry.name
+                    except OSError:
+                        continue
+        except FileNotFoundError:
+            return

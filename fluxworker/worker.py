@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_STOP_TIMEOUT = 75  # the job in hand outlasted stop_timeout; it runs again at the next start
 MAX_ATTEMPTS = 3  # a job that crashed the worker this many times is failed instead of rerun
+ABANDONED_AFTER = 3600.0  # a temporary file this old was left by a writer that died mid-write
+SWEEP_INTERVAL = 600.0  # how often the worker looks for such files (first at start)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Worker:
         self.jobs_done = 0
         self.metrics = JobMetrics(self.inbox.processing / SNAPSHOT_NAME)
         self._next_retention = 0.0
+        self._next_sweep = 0.0
         self._blocked: dict | None = None  # outputs/ could not be written: jobs wait in the inbox
         self.status_listeners: list[Callable[[dict], None]] = []  # told of every status change and step
         self.finish_listeners: list[Callable[[dict], None]] = []  # told of every completion record written
@@ -197,8 +200,14 @@ class Worker:
         return EXIT_OK
 
     def _maintain(self) -> None:
-        """Upkeep between jobs: free idle engines (models.unload_after), enforce retention."""
+        """Upkeep between jobs: free idle engines (models.unload_after), remove temporary files
+        that killed writers left behind, enforce retention."""
         self.engines.maintain()
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+            removed = self.inbox.remove_abandoned(ABANDONED_AFTER)
+            if removed:
+                log.info("removed %d temporary file(s) left by writers that stopped mid-write", len(removed))
         rules = self.config.retention
         if not rules.enabled or time.monotonic() < self._next_retention:
             return

@@ -401,3 +401,32 @@ def test_the_readme_demo_command_makes_a_real_image_through_the_api(tmp_path, ti
     assert result.stdout.startswith("HTTP 200")
     path = result.stdout.split("image: ", 1)[1].split(" (", 1)[0]
     assert Image.open(path).size == (512, 512)
+
+
+def test_the_recent_jobs_list_reads_only_the_records_it_shows(tmp_path, tiny_dir, monkeypatch):
+    """outputs/ keeps every record: GET /jobs must read the newest few, not all of them (the
+    playground lists recent outputs after every job)."""
+    from wsgiref.util import setup_testing_defaults
+
+    from fluxworker import inbox as inbox_module
+    from fluxworker.config import load_config
+    from fluxworker.http import Api
+
+    api = Api(load_config(write_config(tmp_path, tiny_dir)))
+    outputs = tmp_path / "outputs"
+    for n in range(300):
+        path = outputs / f"old-{n:03d}.json"
+        path.write_text(json.dumps({"id": f"old-{n:03d}", "status": "done" if n % 3 else "failed",
+                                    "finished_at": f"2026-01-01T00:{n // 60:02d}:{n % 60:02d}.000+00:00"}))
+        os.utime(path, ns=(n * 10**9, n * 10**9))
+    reads = []
+    read_json = inbox_module.read_json
+    monkeypatch.setattr(inbox_module, "read_json", lambda path: reads.append(path) or read_json(path))
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/jobs", "QUERY_STRING": "status=done&limit=5"}
+    setup_testing_defaults(environ)
+    answer = {}
+    body = b"".join(api(environ, lambda status, headers, exc_info=None: answer.update(status=status)))
+    assert answer["status"].startswith("200")
+    assert [job["id"] for job in json.loads(body)["jobs"]] == ["old-299", "old-298", "old-296", "old-295", "old-293"]
+    assert len(reads) <= 20, len(reads)

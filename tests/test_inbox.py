@@ -112,6 +112,22 @@ def test_state_of_reports_queue_position_running_progress_and_unknown(inbox):
     assert inbox.state_of("../etc/passwd") is None
 
 
+def test_a_job_put_back_in_the_queue_while_it_is_looked_up_is_found(inbox, monkeypatch):
+    """A worker starting up moves the job a crash left in processing/ back to the queue; a client
+    asking about that job at that moment must hear "queued", not "unknown"."""
+    inbox.submit(spec("back"))
+    inbox.claim("back.json")
+    scan = inbox.scan
+
+    def scan_while_a_worker_recovers():
+        entries = scan()
+        inbox.recover(max_attempts=3)
+        return entries
+
+    monkeypatch.setattr(inbox, "scan", scan_while_a_worker_recovers)
+    assert inbox.state_of("back") == {"id": "back", "status": "queued", "position": 1}
+
+
 def test_a_second_worker_cannot_take_the_same_inbox(inbox, tmp_path):
     inbox.lock()
     try:

@@ -181,6 +181,32 @@ def test_files_present_before_the_worker_starts_are_run(tmp_path, tiny_dir, work
         assert wait_record(tmp_path / "outputs", f"early-{n}")["status"] == "done"
 
 
+def test_temporary_files_left_by_writers_killed_mid_write_are_removed(tmp_path, tiny_dir, worker_factory):
+    """A writer killed between writing a file and renaming it leaves its temporary file behind.
+    The worker removes those an hour old; newer ones (they may still be written) and files that
+    are not its own temporaries stay."""
+    config = write_config(tmp_path, tiny_dir)
+    inbox, outputs = tmp_path / "inbox", tmp_path / "outputs"
+    abandoned = [inbox / ".tmp-4242-1-job.json", inbox / "processing" / ".tmp-4242-2-.status.json",
+                 inbox / "failed" / ".tmp-4242-3-x.json.error.json", inbox / "mqtt" / "pending" / ".tmp-4242-4-y.json",
+                 outputs / ".tmp-4242-5-job.png", outputs / ".probe-4242"]
+    kept_old = [inbox / ".upload.json.tmp", inbox / "processing" / ".attempts-job.json"]
+    kept_new = [inbox / ".tmp-4242-6-new.json", outputs / ".tmp-4242-7-new.png"]
+    for path in abandoned + kept_old + kept_new:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    hour_ago = time.time() - 3700
+    for path in abandoned + kept_old:
+        os.utime(path, (hour_ago, hour_ago))
+
+    worker = worker_factory(config)
+    drop(inbox, small("after-sweep"))
+    assert wait_record(outputs, "after-sweep")["status"] == "done"
+    wait_for(lambda: not any(path.exists() for path in abandoned), timeout=30, what="the sweep")
+    assert all(path.exists() for path in kept_old + kept_new)
+    assert "removed 6 temporary file(s)" in worker.log()
+
+
 def test_a_second_worker_on_the_same_inbox_exits_with_a_clear_error(tmp_path, tiny_dir, worker_factory):
     config = write_config(tmp_path, tiny_dir)
     worker_factory(config)

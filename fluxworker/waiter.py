@@ -2,9 +2,11 @@
 
 One file watcher on ``outputs/`` (records) and the inbox (queue moves, and progress in
 ``processing/.status.json``) wakes every thread waiting on a job; each then looks at its own job.
-The inbox watch is recursive so that moves between its folders pair up: watchdog holds back a move
-whose destination it does not watch for half a second, delaying every event behind it. A slow poll stays as a safety net for folders
-where file events do not arrive (network file systems).
+The inbox watch is recursive so that moves between its folders pair up (watchdog holds back a move
+whose destination it does not watch, delaying every event behind it). Only the events that can mean
+a file is complete wake anyone (see :data:`fluxworker.wakeup.HINT_EVENTS`): the waiters' own reads
+must not wake them again. A slow poll stays as a safety net for folders where file events do not
+arrive (network file systems).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .inbox import Inbox
+from .wakeup import watch
 
 StateCallback = Callable[[dict], None]
 
@@ -46,8 +49,8 @@ class CompletionWaiter:
         self.inbox.ensure()
         observer = Observer()
         handler = _Wake(self)
-        observer.schedule(handler, str(self.inbox.outputs), recursive=False)
-        observer.schedule(handler, str(self.inbox.root), recursive=True)
+        watch(observer, handler, self.inbox.outputs, recursive=False)
+        watch(observer, handler, self.inbox.root, recursive=True)
         observer.daemon = True
         observer.start()
         self._observer = observer

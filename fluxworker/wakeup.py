@@ -10,9 +10,43 @@ import signal
 import threading
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileSystemEvent,
+                             FileSystemEventHandler)
+from watchdog.observers.polling import PollingObserver
 
 from .inbox import is_job_name
+
+# The file events that can mean a file is complete: created (written in place; its writer's close
+# comes after), closed after writing, moved in (the atomic rename every writer here uses). Reads
+# (open, close without writing), modifications and deletions wake nobody: they are most of the
+# events (every reader of the status file makes two), and a wake-up for a read would make the woken
+# thread read again. inotify is asked for these events only, so the others cost nothing.
+HINT_EVENTS = (FileCreatedEvent, FileClosedEvent, FileMovedEvent)
+
+# watchdog holds a rename's first half (IN_MOVED_FROM) back for this long, waiting for its second
+# half, and every event behind it waits too: a file moved out of a watched folder (a claim, seen
+# from the inbox's top folder) delays the events after it by the whole delay. The kernel queues both
+# halves of a rename at once, so they pair up at once; but when watchdog's reader has already taken
+# the first half, it sleeps out the whole delay even after the pair is made (0.5 s by default:
+# about one job in a hundred waited that long). A short delay bounds both stalls; a half that stays
+# unpaired is reported as a creation or a deletion, and file events are only hints here.
+MOVE_PAIRING_SECONDS = 0.005
+
+
+def watch(observer, handler: FileSystemEventHandler, folder: Path | str, *, recursive: bool) -> None:
+    """Schedule ``handler`` for the :data:`HINT_EVENTS` in ``folder``. A polling observer sees no
+    closes and compares snapshots (no reads to filter): it reports every change."""
+    polling = isinstance(observer, PollingObserver)
+    observer.schedule(handler, str(folder), recursive=recursive, event_filter=None if polling else HINT_EVENTS)
+
+
+def _shorten_move_pairing() -> None:
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    except ImportError:  # not Linux: no inotify
+        return
+    if getattr(InotifyMoveEventGrouper, "delay", 0) > MOVE_PAIRING_SECONDS:
+        InotifyMoveEventGrouper.delay = MOVE_PAIRING_SECONDS
 
 
 class Waker:
@@ -56,9 +90,9 @@ class Waker:
 class InboxEvents(FileSystemEventHandler):
     """File events are only hints that the inbox changed; the scan decides what is there.
 
-    The watch is recursive although only the top folder holds queued jobs: a claim renames a file
-    into processing/, and watchdog holds back a rename whose destination it does not watch for
-    half a second, delaying every event behind it.
+    Only the inbox's top folder is watched: the status and metrics files rewritten in processing/
+    at every job step would otherwise wake watchdog's threads several times a job, and they share
+    the interpreter with the engine.
     """
 
     def __init__(self, root: Path, waker: Waker):
@@ -84,3 +118,4 @@ class _ShutdownRaceFilter(logging.Filter):
 
 
 logging.getLogger("watchdog.observers.inotify").addFilter(_ShutdownRaceFilter())
+_shorten_move_pairing()

@@ -34,7 +34,8 @@ from .metadata import job_parameters
 from .metrics import SNAPSHOT_NAME, JobMetrics
 from .retention import enforce as enforce_retention
 from .systemd import notify
-from .wakeup import InboxEvents, Waker
+from .statusfile import StatusWriter
+from .wakeup import InboxEvents, Waker, watch
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Worker:
         self.status_listeners: list[Callable[[dict], None]] = []  # told of every status change and step
         self.finish_listeners: list[Callable[[dict], None]] = []  # told of every completion record written
         self.finisher = Finisher(self._finish)
+        self.status_writer = StatusWriter(self.inbox.write_status)
         self._status_lock = threading.Lock()
 
     # -- signals --------------------------------------------------------------------------
@@ -103,7 +105,8 @@ class Worker:
     # -- status ---------------------------------------------------------------------------
 
     def _set_status(self, state: str, job: dict | None = None, **extra) -> None:
-        """Replace the status file (the engine's thread and the finisher's both report here)."""
+        """Replace the status (the engine's thread and the finisher's both report here); the
+        status writer's thread writes it to the file."""
         with self._status_lock:
             if self._blocked is not None and state == "idle":
                 state, extra = "blocked", {**extra, "error": self._blocked}
@@ -114,12 +117,12 @@ class Worker:
                 "ready": state in ("idle", "running"),
                 "engines": sorted(self.engines.engines) if self.engines else [],
                 "unavailable": dict(self.engines.missing) if self.engines else {},
-                "job": job,
+                "job": dict(job) if job else None,  # a copy: the engine's thread updates its own
                 "jobs_done": self.jobs_done,
                 "updated_at": now_iso(),
                 **extra,
             }
-            self.inbox.write_status(self._status)
+            self.status_writer.put(self._status)
             for listener in self.status_listeners:
                 listener(self._status)
 
@@ -149,7 +152,8 @@ class Worker:
                 return EXIT_OK
             observer = self._watch()
             self.finisher.start()
-            self._set_status("idle")
+            self._set_status("idle")  # written at once, before READY=1 is sent
+            self.status_writer.start()  # from here on, states are written by its thread
             log.info("worker ready: inbox %s, outputs %s", self.inbox.root, self.inbox.outputs)
             notify(f"READY=1\nSTATUS=ready: engines {', '.join(sorted(self.engines.engines)) or 'none'}")
             return self._loop()
@@ -159,6 +163,7 @@ class Worker:
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
+            self.status_writer.close()
             self._set_status("stopped")
             if bridge is not None:
                 bridge.stop()
@@ -180,7 +185,7 @@ class Worker:
 
     def _watch(self):
         observer = PollingObserver(timeout=1.0) if self.config.inbox.polling else Observer()
-        observer.schedule(InboxEvents(self.inbox.root, self.waker), str(self.inbox.root), recursive=True)
+        watch(observer, InboxEvents(self.inbox.root, self.waker), self.inbox.root, recursive=False)
         observer.daemon = True
         observer.start()
         return observer
@@ -195,6 +200,7 @@ class Worker:
                 return EXIT_STOP_TIMEOUT
             self._maintain()
             if not ran and not self.stopping:
+                self._settle_status()
                 self.waker.wait(interval)
         log.info("stop requested: worker exits after %d job(s)", self.jobs_done)
         return EXIT_OK
@@ -216,6 +222,13 @@ class Worker:
             enforce_retention(self.inbox, rules.max_age_seconds, rules.max_total_bytes)
         except OSError as exc:
             log.warning("retention could not run: %s", exc)
+
+    def _settle_status(self) -> None:
+        """Before the loop sleeps: a status still showing the last job becomes "idle"."""
+        with self._status_lock:
+            running = self._status.get("state") == "running"
+        if running:
+            self._set_status("idle")
 
     def run_pending(self) -> int:
         """Run every job that is ready now, oldest first; returns how many ran."""
@@ -321,7 +334,8 @@ class Worker:
         except Exception as exc:
             record = failed_record(job.id, self._internal_error(job, exc), job.type)
         self.finisher.submit(path.name, _Finished(job, path, record, result, started, progress["step"] or None))
-        self._set_status("idle")
+        # The status says "running" until the next job replaces it, or the loop finds the queue
+        # empty and says "idle" (see _settle_status): one write fewer per job in a busy queue.
 
     def _finish(self, done: "_Finished") -> None:
         """On the finisher's thread: the image (encoded here), then the completion record, then

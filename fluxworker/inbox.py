@@ -146,21 +146,7 @@ class Inbox:
 
     def scan(self) -> list[Entry]:
         """Queued job files, oldest first."""
-        entries = []
-        try:
-            with os.scandir(self.root) as it:
-                for item in it:
-                    if not is_job_name(item.name):
-                        continue
-                    try:
-                        if not item.is_file(follow_symlinks=False):
-                            continue
-                        stat = item.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    entries.append(Entry(item.name, stat.st_mtime, stat.st_size))
-        except FileNotFoundError:
-            return []
+        entries = [Entry(name, stat.st_mtime, stat.st_size) for name, stat in _job_files(self.root)]
         entries.sort(key=lambda e: (e.mtime, e.name))
         return entries
 
@@ -370,15 +356,21 @@ class Inbox:
 
     def _record_files(self) -> Iterator[tuple[int, str]]:
         """``(modification time, name)`` of each completion record, unordered."""
-        try:
-            with os.scandir(self.outputs) as it:
-                for entry in it:
-                    if not is_job_name(entry.name):
-                        continue
-                    try:
-                        if entry.is_file(follow_symlinks=False):
-                            yield entry.stat(follow_symlinks=False).st_mtime_ns, entry.name
-                    except OSError:
-                        continue
-        except FileNotFoundError:
-            return
+        for name, stat in _job_files(self.outputs):
+            yield stat.st_mtime_ns, name
+
+
+def _job_files(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """The name and stat of each job-named plain file in ``folder`` (none when it is missing)."""
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if not is_job_name(entry.name):
+                    continue
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        yield entry.name, entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+    except FileNotFoundError:
+        return

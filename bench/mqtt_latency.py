@@ -29,7 +29,7 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from brokers import Broker, Probe  # noqa: E402
-from overhead import percentile  # noqa: E402  (this folder is on the path when run as a script)
+from services import percentile  # noqa: E402  (this folder is on the path when run as a script)
 
 from fluxworker.tiny import write_tiny_models  # noqa: E402
 

@@ -36,22 +36,9 @@ from fluxworker.inbox import Inbox  # noqa: E402
 from fluxworker.jobs import parse_job  # noqa: E402
 from fluxworker.tiny import write_tiny_models  # noqa: E402
 from fluxworker.waiter import CompletionWaiter  # noqa: E402
+from services import free_port, percentile  # noqa: E402  (this folder is on the path when run as a script)
 
 JOB = {"prompt": "a tiny benchmark", "width": 64, "height": 64, "num_inference_steps": 1, "seed": 1}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def direct_calls(config, count: int) -> list[float]:

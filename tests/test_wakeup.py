@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
@@ -23,6 +24,21 @@ class Events(FileSystemEventHandler):
         self.arrived.clear()
         return arrived
 
+    def until(self, matches, timeout: float = 5.0) -> bool:
+        """Wait, bounded, until an event that `matches` has been seen."""
+        deadline = time.monotonic() + timeout
+        while not any(matches(e) for e in list(self.seen)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.next(timeout=min(left, 0.5))
+        return True
+
+
+def names(event) -> set[str]:
+    paths = [event.src_path, getattr(event, "dest_path", "") or ""]
+    return {os.path.basename(os.fsdecode(p)) for p in paths if p}
+
 
 def test_reads_wake_nobody_and_a_file_moved_in_does(tmp_path):
     status = tmp_path / ".status.json"
@@ -38,11 +54,10 @@ def test_reads_wake_nobody_and_a_file_moved_in_does(tmp_path):
         assert not events.next(timeout=0.5), events.seen
 
         (tmp_path / ".tmp-job").write_text('{"prompt": "x"}')
-        assert events.next()  # created, then closed after writing
-        events.seen.clear()
+        # created, then closed after writing: the two may arrive apart
+        assert events.until(lambda e: e.event_type == "closed"), events.seen
         os.rename(tmp_path / ".tmp-job", tmp_path / "job.json")
-        assert events.next()
-        assert any(os.fsdecode(e.dest_path or e.src_path).endswith("job.json") for e in events.seen)
+        assert events.until(lambda e: "job.json" in names(e)), events.seen
     finally:
         observer.stop()
         observer.join(timeout=5)

@@ -235,12 +235,15 @@ class Worker:
         if self._blocked is not None and not self._unblocked():
             return 0
         ran = 0
-        for entry in self.inbox.scan():
-            if self.stopping or self._blocked is not None:
-                break
-            if self._process(entry.name, entry.mtime):
-                ran += 1
-                self.engines.maintain()
+        try:
+            for entry in self.inbox.scan():
+                if self.stopping or self._blocked is not None:
+                    break
+                if self._process(entry.name, entry.mtime):
+                    ran += 1
+                    self.engines.maintain()
+        finally:
+            self.finisher.release()  # the last job of the batch (see _run)
         return ran
 
     def _ready(self, name: str, mtime: float) -> bool:
@@ -319,6 +322,7 @@ class Worker:
             self._check_stop()
 
         result = None
+        self.finisher.release()  # the previous job is finished while this one runs
         try:
             engine = self.engines.get(job.engine)
             result = engine.run(job, RunContext(seed=seed, progress=on_progress))
@@ -333,7 +337,9 @@ class Worker:
             record = failed_record(job.id, exc, job.type)
         except Exception as exc:
             record = failed_record(job.id, self._internal_error(job, exc), job.type)
-        self.finisher.submit(path.name, _Finished(job, path, record, result, started, progress["step"] or None))
+        # Held back until the next job starts, or the batch ends: the finishing work would slow the
+        # way to the next job (see Finisher.hold).
+        self.finisher.hold(path.name, _Finished(job, path, record, result, started, progress["step"] or None))
         # The status says "running" until the next job replaces it, or the loop finds the queue
         # empty and says "idle" (see _settle_status): one write fewer per job in a busy queue.
 

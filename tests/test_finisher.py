@@ -57,3 +57,22 @@ def test_close_finishes_what_was_submitted():
         finisher.submit(f"{n}.json", n)
     finisher.close()
     assert done == [0, 1, 2, 3]
+
+
+def test_a_held_item_waits_for_release_and_stays_busy_meanwhile():
+    done = []
+    arrived = threading.Event()
+    finisher = Finisher(lambda item: (done.append(item), arrived.set()))
+    finisher.start()
+    finisher.hold("a.json", "first")
+    assert finisher.busy("a.json")
+    assert not arrived.wait(0.3) and done == []  # the thread has not been given it
+    finisher.release()
+    assert arrived.wait(10) and done == ["first"]
+    finisher.drain()
+    assert not finisher.busy("a.json")
+
+    finisher.hold("b.json", "second")
+    finisher.hold("c.json", "third")
+    finisher.close()  # closing finishes held items too, in order
+    assert done == ["first", "second", "third"]

@@ -44,6 +44,7 @@ EXIT_STOP_TIMEOUT = 75  # the job in hand outlasted stop_timeout; it runs again 
 MAX_ATTEMPTS = 3  # a job that crashed the worker this many times is failed instead of rerun
 ABANDONED_AFTER = 3600.0  # a temporary file this old was left by a writer that died mid-write
 SWEEP_INTERVAL = 600.0  # how often the worker looks for such files (first at start)
+HOLD_UP_TO_BYTES = 64 * 1024  # a finished job waits for the next to start only if that one is this small
 
 
 @dataclass
@@ -275,7 +276,10 @@ class Worker:
         stem = name[: -len(".json")]
         data = None
         try:
-            data = parse_json(path.read_bytes(), self.config.limits.max_job_bytes)
+            raw = path.read_bytes()
+            if len(raw) > HOLD_UP_TO_BYTES:
+                self.finisher.release()  # decoding this job's images takes a while: no holding back
+            data = parse_json(raw, self.config.limits.max_job_bytes)
             job = parse_job(data, self.config.limits, default_id=stem)
         except JobError as exc:
             job_id = data.get("id") if isinstance(data, dict) and is_valid_id(data.get("id")) else None

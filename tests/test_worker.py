@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import time
+from datetime import datetime
 
 from PIL import Image
 
@@ -179,6 +180,24 @@ def test_files_present_before_the_worker_starts_are_run(tmp_path, tiny_dir, work
     worker_factory(config)
     for n in range(3):
         assert wait_record(tmp_path / "outputs", f"early-{n}")["status"] == "done"
+
+
+def test_a_finished_job_is_written_while_the_next_one_runs(tmp_path, tiny_dir, worker_factory):
+    """The finisher is handed a job when the next one starts: its record must not wait for the
+    next job to end. Both files are there before the worker starts, so one scan takes both."""
+    config = write_config(tmp_path, tiny_dir)
+    inbox, outputs = tmp_path / "inbox", tmp_path / "outputs"
+    inbox.mkdir()
+    first = drop(inbox, small("before-long", seed=3))
+    drop(inbox, small("long", seed=4, width=768, height=768, num_inference_steps=10))
+    os.utime(first, (time.time() - 60, time.time() - 60))  # the older one runs first
+    worker_factory(config)
+    assert wait_record(outputs, "before-long")["status"] == "done"
+    written = (outputs / "before-long.json").stat().st_mtime
+    long = wait_record(outputs, "long")
+    assert long["status"] == "done" and long["timings"]["run_s"] > 0.2  # 10 steps at 768x768
+    long_ended = datetime.fromisoformat(long["finished_at"]).timestamp()  # when its engine run ended
+    assert written < long_ended - 0.1, (written, long_ended)
 
 
 def test_temporary_files_left_by_writers_killed_mid_write_are_removed(tmp_path, tiny_dir, worker_factory):

@@ -22,6 +22,8 @@ from pathlib import Path
 import requests
 import yaml
 
+from fluxworker import tiny
+
 ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,7 +101,7 @@ def tiny_models(folder: Path) -> Path:
 def write_config(folder: Path, model_dir: Path, **sections) -> Path:
     """``folder/config.yaml``: the tiny models from ``model_dir``, inbox and outputs in ``folder``,
     the API on 127.0.0.1; ``sections`` override keys."""
-    data = {
+    return tiny.write_config(folder, {
         "paths": {"inbox": "inbox", "outputs": "outputs"},
         "models": {"flux": str(model_dir / "flux"), "esrgan": str(model_dir / "esrgan.pth"), "lama": None,
                    "device": "cpu", "dtype": "float32"},
@@ -107,13 +109,7 @@ def write_config(folder: Path, model_dir: Path, **sections) -> Path:
         "inbox": {"scan_interval": 1.0, "settle_seconds": 2.0},
         "worker": {"stop_timeout": 10.0, "log_level": "INFO"},
         "http": {"host": "127.0.0.1", "port": free_port()},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
+    }, **sections)
 
 
 class Service:

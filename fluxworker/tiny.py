@@ -187,10 +187,20 @@ def write_tiny_models(root: str | os.PathLike, *, seed: int = 0) -> Path:
     write_esrgan(root / "esrgan.pth", seed=seed)
     for folder in ("inbox", "outputs"):
         (root / folder).mkdir(exist_ok=True)
-    config = root / "config.yaml"
     header = (
         "# Tiny random models for tests and the demo: written by `fluxworker tiny-models`.\n"
         "# models.lama is null: LaMa (about 205 MB) is not written here; point it at big-lama.pt to erase.\n"
     )
-    config.write_text(header + yaml.safe_dump(tiny_config(root), sort_keys=False), encoding="utf-8")
-    return config
+    return write_config(root, tiny_config(root), header=header)
+
+
+def write_config(folder: Path, data: dict, *, header: str = "", **sections: dict) -> Path:
+    """Write ``folder/config.yaml`` from ``data``, each of ``sections`` updating the section of that
+    name; return its path."""
+    data = {name: dict(values) if isinstance(values, dict) else values for name, values in data.items()}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path

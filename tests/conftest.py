@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
+
+from fluxworker import tiny
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -74,20 +75,14 @@ def streaming_performance(pipe, **settings):
 
 def write_config(folder: Path, tiny_dir: Path, **sections) -> Path:
     """A config in ``folder`` that uses the session's tiny models; ``sections`` override keys."""
-    data = {
+    return tiny.write_config(folder, {
         "paths": {"inbox": "inbox", "outputs": "outputs"},
         "models": {"flux": str(tiny_dir / "flux"), "device": "cpu", "dtype": "float32"},
         "limits": {"max_width": 1024, "max_height": 1024},
         "inbox": {"scan_interval": 1.0, "settle_seconds": 2.0},
         "worker": {"stop_timeout": 60.0, "log_level": "INFO"},
         "http": {"host": "127.0.0.1"},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
+    }, **sections)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+CLIP_POSITIONS = 77  # FLUX.1-schnell's CLIP text encoder
 FULL = {
     "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -44,6 +45,7 @@ def build_flux(size: str, device: str, dtype, seed: int = 0):
 
     sizes = FULL if size == "full" else TINY
     clip_tokenizer, t5_tokenizer = tokenizers()
+    clip_tokenizer.model_max_length = CLIP_POSITIONS  # the real CLIP's; timing does not depend on it
     torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -56,7 +58,7 @@ def build_flux(size: str, device: str, dtype, seed: int = 0):
                 decoder_start_token_id=t5_tokenizer.pad_token_id,
             ))
             clip = CLIPTextModel(CLIPTextConfig(
-                **sizes["clip"], max_position_embeddings=77, hidden_act="quick_gelu",
+                **sizes["clip"], max_position_embeddings=CLIP_POSITIONS, hidden_act="quick_gelu",
                 bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
                 pad_token_id=clip_tokenizer.pad_token_id,
             ))

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import yaml
 
-_CLIP_MAX_LENGTH = 77
+# The tiny tokenizers have one token per character, where the real ones have about one per word:
+# CLIP's 77 positions would cut most prompts short (with a warning per job), so the tiny CLIP has
+# room for about as much text as the real one takes.
+_CLIP_MAX_LENGTH = 320
 _T5_MAX_LENGTH = 512
 
 

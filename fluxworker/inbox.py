@@ -206,7 +206,7 @@ class Inbox:
             processing_path.unlink(missing_ok=True)
         (self.processing / f".attempts-{processing_path.name}").unlink(missing_ok=True)
 
-    def reject(self, processing_path: Path, error: JobError, job_id: str | None) -> None:
+    def reject(self, processing_path: Path, error: JobError, job_id: str | None, job_type: str | None = None) -> None:
         """A file that is not a valid job: to failed/ with its error, plus a failed record when
         its id is known and no record exists yet."""
         from .jobs import failed_record
@@ -214,7 +214,7 @@ class Inbox:
         self._to_failed(processing_path, error.to_dict())
         if job_id is not None and not self.completion_path(job_id).exists():
             try:
-                write_atomic(self.completion_path(job_id), json.dumps(failed_record(job_id, error)).encode())
+                write_atomic(self.completion_path(job_id), json.dumps(failed_record(job_id, error, job_type)).encode())
             except OSError as exc:  # outputs full or read-only: failed/ still holds the file and its error
                 log.warning("no failed record for %s: %s", job_id, exc)
         (self.processing / f".attempts-{processing_path.name}").unlink(missing_ok=True)

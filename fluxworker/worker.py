@@ -74,6 +74,7 @@ class Worker:
         self.stop_requests = 0
         self._stop_deadline: float | None = None
         self._unsettled: dict[str, float] = {}
+        self._finishing: set[str] = set()  # ids of jobs run but not yet finished (see Finisher.hold)
         self._status: dict = {}
         self.jobs_done = 0
         self.metrics = JobMetrics(self.inbox.processing / SNAPSHOT_NAME)
@@ -115,7 +116,8 @@ class Worker:
                 "pid": os.getpid(),
                 "version": __version__,
                 "state": state,
-                "ready": state in ("idle", "running"),
+                # Not ready while a configured model failed to load: its jobs fail until fixed.
+                "ready": state in ("idle", "running") and not (self.engines and self.engines.failed),
                 "engines": sorted(self.engines.engines) if self.engines else [],
                 "unavailable": dict(self.engines.missing) if self.engines else {},
                 "job": dict(job) if job else None,  # a copy: the engine's thread updates its own
@@ -143,7 +145,8 @@ class Worker:
                 log.info("requeued %d job(s) left in processing: %s", len(requeued), ", ".join(requeued))
             for path in poisoned:
                 self._reject(path, JobError(
-                    "worker_crashed", f"the worker stopped {MAX_ATTEMPTS} times while running this job"))
+                    "worker_crashed", f"the worker stopped {MAX_ATTEMPTS} times while running this job"),
+                    self._read_leniently(path))
             if self.engines is None:
                 self.engines = build_engines(self.config)
             self.engines.load()
@@ -155,8 +158,16 @@ class Worker:
             self.finisher.start()
             self._set_status("idle")  # written at once, before READY=1 is sent
             self.status_writer.start()  # from here on, states are written by its thread
-            log.info("worker ready: inbox %s, outputs %s", self.inbox.root, self.inbox.outputs)
-            notify(f"READY=1\nSTATUS=ready: engines {', '.join(sorted(self.engines.engines)) or 'none'}")
+            engines = ", ".join(sorted(self.engines.engines)) or "none"
+            if self.engines.failed:
+                # Loading is over: the service is up and serves the other engines, but /ready says
+                # 503 and systemd's status line names what failed, until the model is fixed.
+                failed = ", ".join(sorted(self.engines.failed))
+                log.error("worker started without %s: its jobs fail until the model is fixed", failed)
+                notify(f"READY=1\nSTATUS=degraded: {failed} failed to load; engines {engines}")
+            else:
+                log.info("worker ready: inbox %s, outputs %s", self.inbox.root, self.inbox.outputs)
+                notify(f"READY=1\nSTATUS=ready: engines {engines}")
             return self._loop()
         finally:
             notify("STOPPING=1")
@@ -252,10 +263,9 @@ class Worker:
         is taken anyway (and rejected)."""
         path = self.inbox.root / name
         try:
-            raw = path.read_bytes()
-            if len(raw) > self.config.limits.max_job_bytes:
-                return True  # rejected after the claim, without waiting
-            parse_json(raw, self.config.limits.max_job_bytes)
+            if path.stat().st_size > self.config.limits.max_job_bytes:
+                return True  # rejected after the claim, without reading it or waiting
+            parse_json(path.read_bytes(), self.config.limits.max_job_bytes)
             self._unsettled.pop(name, None)
             return True
         except FileNotFoundError:
@@ -276,15 +286,13 @@ class Worker:
         stem = name[: -len(".json")]
         data = None
         try:
-            raw = path.read_bytes()
-            if len(raw) > HOLD_UP_TO_BYTES:
-                self.finisher.release()  # decoding this job's images takes a while: no holding back
-            data = parse_json(raw, self.config.limits.max_job_bytes)
+            data = self._read(path)
             job = parse_job(data, self.config.limits, default_id=stem)
         except JobError as exc:
-            job_id = data.get("id") if isinstance(data, dict) and is_valid_id(data.get("id")) else None
-            self._reject(path, exc, job_id or (stem if is_valid_id(stem) else None))
+            self._reject(path, exc, data)
             return True
+        if job.id in self._finishing:
+            self.finisher.drain()  # a copy of this job under another file name: its record first
         if self.inbox.completion(job.id) is not None:
             log.info("job %s already has a completion record: duplicate dropped", job.id)
             self.inbox.discard(path)
@@ -292,17 +300,43 @@ class Worker:
         self._run(job, path, queued_s)
         return True
 
-    def _reject(self, path: Path, error: JobError, job_id: str | None) -> None:
+    def _read(self, path: Path):
+        """A claimed job file's JSON; one over ``limits.max_job_bytes`` is refused unread."""
+        limit = self.config.limits.max_job_bytes
+        size = path.stat().st_size
+        if size > limit:
+            raise JobError("too_large", f"the job file has {size} bytes; the limit is {limit}")
+        if size > HOLD_UP_TO_BYTES:
+            self.finisher.release()  # decoding this job's images takes a while: no holding back
+        return parse_json(path.read_bytes(), limit)
+
+    def _read_leniently(self, path: Path):
+        try:
+            return self._read(path)
+        except (JobError, OSError):
+            return None
+
+    def _reject(self, path: Path, error: JobError, data=None) -> None:
+        """A file that is not a valid job goes to failed/; its id and type, where the file names
+        valid ones, get a failed record."""
+        stem = path.name[: -len(".json")]
+        job_id = job_type = None
+        if isinstance(data, dict):
+            job_id = data.get("id") if is_valid_id(data.get("id")) else None
+            job_type = data.get("type", "generate")
+            job_type = job_type if job_type in ("generate", "upscale") else None
+        job_id = job_id or (stem if is_valid_id(stem) else None)
         log.warning("rejected %s: %s [%s]", path.name, error.message, error.code)
-        self.inbox.reject(path, error, job_id)
+        self.inbox.reject(path, error, job_id, job_type)
         self.metrics.record(job_type="unknown", engine="none", transport="inbox", outcome="rejected",
                             run_s=0.0, steps=None)
         self.metrics.save()
 
     def _resolve_seed(self, job: Job, path: Path) -> tuple[Job, int | None]:
         """Draw the seed of a job that has none, and keep it in the job file so that a rerun after
-        a crash makes the same image."""
-        if job.engine != "flux":
+        a crash makes the same image. Every generate job answers with a seed, as the API promises;
+        the lama eraser is deterministic and ignores it."""
+        if job.type != "generate":
             return job, None
         if job.spec.seed is not None:
             return job, job.spec.seed
@@ -332,7 +366,7 @@ class Worker:
             result = engine.run(job, RunContext(seed=seed, progress=on_progress))
             run_s = time.monotonic() - started
             record = done_record(
-                job, seed=result.seed, width=result.image.width, height=result.image.height,
+                job, seed=seed if result.seed is None else result.seed, width=result.image.width, height=result.image.height,
                 timings={"queued_s": queued_s, "run_s": run_s, "total_s": queued_s + run_s},
             )
         except StopNow:
@@ -343,6 +377,7 @@ class Worker:
             record = failed_record(job.id, self._internal_error(job, exc), job.type)
         # Held back until the next job starts, or the batch ends: the finishing work would slow the
         # way to the next job (see Finisher.hold).
+        self._finishing.add(job.id)
         self.finisher.hold(path.name, _Finished(job, path, record, result, started, progress["step"] or None))
         # The status says "running" until the next job replaces it, or the loop finds the queue
         # empty and says "idle" (see _settle_status): one write fewer per job in a busy queue.
@@ -361,6 +396,8 @@ class Worker:
         except OSError as exc:
             self._block(job, done.path, exc, len(png or b"") + 4096)
             return
+        finally:
+            self._finishing.discard(job.id)
         self.jobs_done += 1
         elapsed = time.monotonic() - done.started
         self.metrics.model_load_seconds = dict(self.engines.load_seconds)

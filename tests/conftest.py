@@ -159,8 +159,9 @@ class WorkerProcess:
         log.close()
         if wait_ready:
             wait_for(
-                lambda: self.status().get("ready") or self.proc.poll() is not None,
-                timeout=120, what="worker ready",
+                # Loading is over (ready, or serving without a model that failed to load).
+                lambda: self.status().get("state") in ("idle", "running", "blocked") or self.proc.poll() is not None,
+                timeout=120, what="worker started",
             )
             assert self.proc.poll() is None, self.log()
         return self

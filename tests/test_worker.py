@@ -226,6 +226,57 @@ def test_temporary_files_left_by_writers_killed_mid_write_are_removed(tmp_path, 
     assert "removed 6 temporary file(s)" in worker.log()
 
 
+def test_one_job_under_two_file_names_runs_once(tmp_path, tiny_dir, worker_factory):
+    """Two files carrying one id, both queued before the worker starts (so one scan takes both):
+    the second waits for the first one's record and is dropped as a duplicate."""
+    config = write_config(tmp_path, tiny_dir)
+    inbox, outputs = tmp_path / "inbox", tmp_path / "outputs"
+    inbox.mkdir()
+    first = drop(inbox, small("twin", seed=1), name="twin-a.json")
+    drop(inbox, small("twin", seed=2), name="twin-b.json")
+    os.utime(first, (time.time() - 60, time.time() - 60))  # the seed-1 copy runs first
+    drop(inbox, small("after-twin"))
+    worker = worker_factory(config)
+    wait_record(outputs, "after-twin")
+    assert read_record(outputs, "twin")["seed"] == 1
+    assert worker.log().count("job twin type=generate engine=flux done") == 1
+    assert "job twin already has a completion record" in worker.log()
+    assert not list((inbox / "processing").glob("twin-*.json"))
+
+
+def test_a_job_that_keeps_crashing_the_worker_is_failed_and_the_queue_goes_on(tmp_path, tiny_dir, worker_factory):
+    config = write_config(tmp_path, tiny_dir)
+    inbox, outputs = tmp_path / "inbox", tmp_path / "outputs"
+    (inbox / "processing").mkdir(parents=True)
+    # As a worker killed twice during this job leaves it: in processing/, with its attempt count.
+    (inbox / "processing" / "poison.json").write_text(json.dumps(small("poison-job", type="generate")))
+    (inbox / "processing" / ".attempts-poison.json").write_text("2")
+    drop(inbox, small("after-poison"))
+    worker = worker_factory(config)
+    assert wait_record(outputs, "after-poison")["status"] == "done"
+    record = read_record(outputs, "poison-job")
+    assert record["status"] == "failed" and record["type"] == "generate"
+    assert record["error"]["code"] == "worker_crashed"
+    assert (inbox / "failed" / "poison.json").exists()
+    assert worker.proc.poll() is None
+
+
+def test_a_job_file_over_the_size_limit_is_refused_without_being_read(tmp_path, tiny_dir, worker_factory):
+    config = write_config(tmp_path, tiny_dir, limits={"max_job_bytes": 4096})
+    inbox, outputs = tmp_path / "inbox", tmp_path / "outputs"
+    inbox.mkdir()
+    huge = inbox / ".huge.json.tmp"
+    with open(huge, "wb") as handle:
+        handle.truncate(4 * 1024**3)  # sparse: 4 GiB that would not fit in memory twice
+    os.rename(huge, inbox / "huge.json")
+    drop(inbox, small("after-huge"))
+    worker = worker_factory(config)
+    assert wait_record(outputs, "after-huge")["status"] == "done"
+    record = read_record(outputs, "huge")
+    assert record["error"]["code"] == "too_large" and "4294967296 bytes" in record["error"]["message"]
+    assert worker.proc.poll() is None
+
+
 def test_a_second_worker_on_the_same_inbox_exits_with_a_clear_error(tmp_path, tiny_dir, worker_factory):
     config = write_config(tmp_path, tiny_dir)
     worker_factory(config)

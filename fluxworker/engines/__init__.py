@@ -66,6 +66,7 @@ class EngineSet:
 
     engines: dict[str, Engine]
     missing: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # configured, but failed to load at start
     load_seconds: dict[str, float] = field(default_factory=dict)
     on_demand: frozenset[str] = frozenset()
     lazy: bool = False
@@ -89,7 +90,7 @@ class EngineSet:
             except Exception as exc:  # a broken model must not stop the other engines
                 log.error("engine %s failed to load: %s", name, exc)
                 del self.engines[name]
-                self.missing[name] = f"the {name} engine failed to load: {exc}"
+                self.missing[name] = self.failed[name] = f"the {name} engine failed to load: {exc}"
 
     def _load(self, name: str) -> None:
         started = time.monotonic()

@@ -39,12 +39,21 @@ def _config(args) -> Config:
 
 
 def cmd_check_config(args) -> int:
+    """Print the effective config (secrets hidden), then what this machine still lacks for it:
+    exits non-zero exactly when the worker would refuse to start."""
     config = _config(args)
-    print(f"# {config.source}: valid")
     import yaml
 
+    from .preflight import preflight
+
+    print(f"# {config.source}: valid")
     print(yaml.safe_dump(config.dump(), sort_keys=False), end="")
-    return 0
+    found = preflight(config)
+    for line in found.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for line in found.errors:
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_FAILED if found.errors else 0
 
 
 def cmd_worker(args) -> int:

@@ -20,6 +20,10 @@ DEFAULT_NO_TEXT_SUFFIX = (
 )
 
 
+SECRET_KEYS = frozenset({"api_key"})  # never printed: not in errors, not by check-config
+HIDDEN = "<hidden>"
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the value."""
 
@@ -356,8 +360,11 @@ class Config(_Section):
     source: Path | None = Field(None, exclude=True)
 
     def dump(self) -> dict[str, Any]:
-        """The effective configuration as plain data (paths as strings)."""
-        return self.model_dump(mode="json", exclude={"source"})
+        """The effective configuration as plain data (paths as strings, secrets hidden)."""
+        data = self.model_dump(mode="json", exclude={"source"})
+        if data["http"].get("api_key") is not None:
+            data["http"]["api_key"] = HIDDEN
+        return data
 
 
 def _format_errors(error: ValidationError, source: str) -> str:
@@ -368,6 +375,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
             lines.append(f"  {key}: unknown key")
         elif item["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif item["loc"] and item["loc"][-1] in SECRET_KEYS:
+            lines.append(f"  {key}: {item['msg']} (the value is not shown: it is a secret)")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item['input']!r})")
     return "\n".join(lines)

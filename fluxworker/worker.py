@@ -461,6 +461,13 @@ class Worker:
 
 def run_worker(config: Config) -> int:
     """Entry point of ``fluxworker worker``."""
+    from .preflight import preflight
+
+    errors = preflight(config).errors
+    for line in errors:
+        log.error("cannot start: %s", line)
+    if errors:
+        return 2
     try:
         return Worker(config).run()
     except WorkerBusy as exc:

@@ -107,6 +107,35 @@ def test_check_config_fails_with_the_key_named(tmp_path):
     assert "worker.stop_timeout" in result.stderr and "-5" in result.stderr
 
 
+def test_a_secret_is_never_printed(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("http:\n  api_key: s3cr3t\n")  # too short: the error names the key, not the value
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2 and "http.api_key" in result.stderr
+    assert "s3cr3t" not in result.stdout + result.stderr
+
+
+def test_check_config_warns_about_model_files_this_machine_lacks(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("models:\n  flux: ./no-such-model\n  lama: weights/big-lama.pt\n  esrgan: null\n")
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr  # the worker starts; those engines fail their jobs
+    assert f"models.flux: {tmp_path / 'no-such-model'}: not a diffusers model folder" in result.stderr
+    assert f"models.lama: {tmp_path / 'weights' / 'big-lama.pt'}: file not found" in result.stderr
+    assert "models.esrgan" not in result.stderr  # off, not missing
+
+
+def test_check_config_and_the_worker_refuse_what_the_worker_cannot_start_with(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("mqtt:\n  enabled: true\n  tls: true\n  ca_file: certs/ca.pem\n")
+    check = run_cli("check-config", "--config", str(path))
+    assert check.returncode == 1
+    assert f"error: mqtt.ca_file: {tmp_path / 'certs' / 'ca.pem'}: file not found" in check.stderr
+    worker = run_cli("worker", "--config", str(path))
+    assert worker.returncode == 2
+    assert "cannot start: mqtt.ca_file" in worker.stderr and "Traceback" not in worker.stderr
+
+
 def test_missing_config_file_is_a_clear_error(tmp_path):
     result = run_cli("check-config", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2

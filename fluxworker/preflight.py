@@ -1,0 +1,57 @@
+"""What a valid configuration still needs from this machine: the files it names and the device.
+
+A config can be well formed and still name a model folder that is not there. ``check-config``
+reports both kinds of finding. Errors are what the worker cannot start without (it refuses to,
+with the key named); warnings are what only some jobs need: the worker starts, the engine
+concerned fails its jobs with a clear error, and the others serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+
+
+@dataclass
+class Findings:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def preflight(config: Config) -> Findings:
+    """Check the files and the device that ``config`` names, without loading anything."""
+    found = Findings()
+    models = config.models
+    if Path(models.flux).is_absolute():  # a local folder (the config resolved it)
+        if not (Path(models.flux) / "model_index.json").is_file():
+            found.warnings.append(f"models.flux: {models.flux}: not a diffusers model folder (no model_index.json); "
+                                  "FLUX jobs will fail")
+    elif not models.allow_download and not _in_hub_cache(models.flux):
+        found.warnings.append(f"models.flux: {models.flux!r} is not in the local hub cache and "
+                              "models.allow_download is false; FLUX jobs will fail")
+    for key, jobs in (("esrgan", "upscale jobs"), ("lama", "lama erase jobs")):
+        path = getattr(models, key)
+        if path is not None and not path.is_file():
+            found.warnings.append(f"models.{key}: {path}: file not found; {jobs} will fail")
+    if models.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            found.errors.append("models.device: 'cuda', but no CUDA device is visible (use auto or cpu)")
+    mqtt = config.mqtt
+    if mqtt.enabled and mqtt.tls:
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(mqtt, key)
+            if path is not None and not path.is_file():
+                found.errors.append(f"mqtt.{key}: {path}: file not found")
+    return found
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)

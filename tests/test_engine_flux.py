@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import png_b64, streaming_performance, tiny_flux_pipeline
 from fluxworker.config import DEFAULT_NO_TEXT_SUFFIX, LimitsConfig, PerformanceConfig
 from fluxworker.engines import RunContext
-from fluxworker.engines.flux import FluxEngine, fit
+from fluxworker.engines.flux import FluxEngine, fit, fit_mask
 from fluxworker.engines.prompts import PromptCache
 from fluxworker.errors import JobError
 from fluxworker.images import png_bytes
@@ -61,6 +61,28 @@ def test_inpainting_runs_with_a_mask_of_another_size(engine):
     result, _ = run(engine, image=png_b64((64, 64)), mask=png_b64((32, 32), color=(255, 255, 255)),
                     width=64, height=64, strength=1.0)
     assert result.image.size == (64, 64)
+
+
+def test_a_mask_of_another_shape_stays_aligned_with_its_image():
+    """A 200x100 image fitted to 64x64 loses its left and right quarters. A square mask marking
+    the image's left quarter (stretched onto the image) marks only what was cropped away."""
+    mask = Image.new("L", (100, 100), 0)
+    mask.paste(255, (0, 0, 25, 100))
+    fitted = fit_mask(mask, (200, 100), (64, 64))
+    assert fitted.size == (64, 64) and fitted.getextrema()[1] < 128  # the pipeline binarises at half
+    same_shape = Image.new("L", (200, 100), 0)
+    same_shape.paste(255, (50, 0, 100, 100))  # the second quarter: the left half of what is kept
+    kept = fit_mask(same_shape, (200, 100), (64, 64))
+    assert kept.getpixel((8, 32)) > 128 and kept.getpixel((56, 32)) < 128
+
+
+def test_no_text_still_fits_after_a_prompt_longer_than_t5_reads(engine):
+    long_prompt = " ".join(["a lighthouse on a cliff above a stormy sea"] * 60)  # about 2,600 characters
+    job = parse_job({"prompt": long_prompt, "no_text": True}, LimitsConfig(max_prompt_length=5000))
+    prompt = engine.prompt_for(job)
+    assert prompt.endswith(f" {DEFAULT_NO_TEXT_SUFFIX}")
+    tokenizer = engine.pipes["text2img"].tokenizer_2
+    assert len(tokenizer(prompt).input_ids) <= engine.max_sequence_length  # the constraint is not cut off
 
 
 def test_img2img_is_reproducible_too(engine):

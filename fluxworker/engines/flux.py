@@ -189,10 +189,20 @@ class FluxEngine(Engine):
         return dict(self.warmup_seconds)
 
     def prompt_for(self, job: Job) -> str:
+        """The prompt the encoders get. With ``no_text``, the constraint goes at the end, and a
+        prompt too long for T5's ``max_sequence_length`` tokens is shortened so that the
+        constraint still fits (otherwise T5 would cut the constraint off)."""
         prompt = job.spec.prompt or ""
-        if job.spec.no_text:
-            prompt = f"{prompt.rstrip()} {self.no_text_suffix}"
-        return prompt
+        if not job.spec.no_text:
+            return prompt
+        prompt = prompt.rstrip()
+        tokenizer = self.pipes["text2img"].tokenizer_2
+        room = self.max_sequence_length - 1 - len(tokenizer(f" {self.no_text_suffix}", add_special_tokens=False).input_ids)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        if len(ids) > room:
+            prompt = tokenizer.decode(ids[:max(room, 0)], skip_special_tokens=True).rstrip()
+            log.info("prompt shortened to %d T5 tokens so that the no_text constraint fits", max(room, 0))
+        return f"{prompt} {self.no_text_suffix}"
 
     def run(self, job: Job, ctx: RunContext) -> Result:
         import torch
@@ -214,7 +224,7 @@ class FluxEngine(Engine):
                 pipe = self.pipes["img2img"]
             else:
                 pipe = self.pipes["inpaint"]
-                kwargs["mask_image"] = fit(to_mask(job.mask), size, Image.Resampling.BILINEAR)
+                kwargs["mask_image"] = fit_mask(to_mask(job.mask), job.image.size, size)
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
             ctx.progress(step + 1, pipeline.num_timesteps)
@@ -248,3 +258,11 @@ def fit(image: Image.Image, size: tuple[int, int], resample) -> Image.Image:
     if image.size == size:
         return image
     return ImageOps.fit(image, size, method=resample, centering=(0.5, 0.5))
+
+
+def fit_mask(mask: Image.Image, image_size: tuple[int, int], size: tuple[int, int]) -> Image.Image:
+    """A mask of another size is stretched onto its image first, then fitted like the image, so
+    that mask and image stay aligned whatever their shapes."""
+    if mask.size != image_size:
+        mask = mask.resize(image_size, Image.Resampling.BILINEAR)
+    return fit(mask, size, Image.Resampling.BILINEAR)

@@ -14,13 +14,19 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/gpu-bench-out}
 mkdir -p "$out"
+export OUT="$out"  # the reference and bench/gpu.py write their files where $OUT says
 [ -f .gpu-bench/diffusers_baseline.py ] || { echo "device_run.sh: .gpu-bench/ missing: run bench/device_prep.sh and carry it" >&2; exit 2; }
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .gpu-bench/whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv | tee "$out/nvidia_smi.txt"
-python3 -c 'import sys, torch, diffusers, transformers; print("python", sys.version.split()[0], "torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)'
+# Every import the benchmark needs, before any device time goes to the reference: a missing wheel
+# stops here, in seconds, not after the reference's minutes.
+python3 -c 'import sys, torch, diffusers, transformers, accelerate, safetensors, pydantic, yaml, spandrel, watchdog, PIL
+import fluxworker.engines.flux, fluxworker.engines.esrgan, fluxworker.engines.lama, fluxworker.worker
+assert torch.cuda.is_available(), "no CUDA device visible"
+print("python", sys.version.split()[0], "torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' || exit 4
 
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then
     echo "== plain diffusers reference"

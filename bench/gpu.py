@@ -307,6 +307,19 @@ class Bench:
             self.engine.placement.use("balanced")
             self.time_mode("balanced", size, self.precision)
         self.results["streamers"] = [s.stats() for s in self.engine.placement.streamers]
+        if self.reference_image is not None:
+            # Streaming blocks in on a side stream must not change a pixel: a missed wait would
+            # show here as a different image, not as a plausible time.
+            _, image = self.image(PROMPT, self.sizes[0], "balanced", seed=11)
+            self.results["balanced_vs_fast_image"] = self.compare(image)
+
+    def compare(self, image) -> dict:
+        """How far ``image`` is from fast mode's seed-11 image (8-bit RGB, same prompt and seed)."""
+        difference = np.abs(np.asarray(image, dtype=np.float64) - self.reference_image)
+        mse = float((difference ** 2).mean())
+        return {"reference": f"fast, {self.precision}", "max_abs_diff": float(difference.max()),
+                "mean_abs_diff": round(float(difference.mean()), 3),
+                "psnr_db": round(10 * np.log10(255.0 ** 2 / mse), 2) if mse else None}
 
     def switch(self) -> None:
         """fast -> balanced -> fast, each move and the first job after it, at the large size."""
@@ -361,13 +374,8 @@ class Bench:
         self.time_mode("fast", size, "fp8 storage", repeat=max(self.repeat - 2, 1), fresh=0)
         if self.reference_image is not None:
             _, image = self.image(PROMPT, size, "fast", seed=11)
-            difference = np.abs(np.asarray(image, dtype=np.float64) - self.reference_image)
-            mse = float((difference ** 2).mean())
             figures["vs_reference_image"] = {
-                "reference": self.precision, "max_abs_diff": float(difference.max()),
-                "mean_abs_diff": round(float(difference.mean()), 3),
-                "psnr_db": round(10 * np.log10(255.0 ** 2 / mse), 2) if mse else None,
-                "note": "8-bit RGB, same seed and prompt; random weights: a numerics check, not a quality one"}
+                **self.compare(image), "note": "random weights: a numerics check, not a quality one"}
         self.engine.placement.use("balanced")
         self.time_mode("balanced", size, "fp8 storage", repeat=max(self.repeat - 3, 1), fresh=0)
 

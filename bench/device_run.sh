@@ -2,13 +2,13 @@
 # The GPU benchmark in one call on the device machine: the plain-diffusers reference, then the
 # project's benchmark, one after the other on the same card. Everything lands in $OUT:
 # diffusers_baseline.jsonl, gpu_bench.json, gpu_bench.png, both logs and the card's nvidia-smi line.
-# Needs .gpu-bench/ from bench/device_prep.sh (run that here first, at no device time cost).
+# Needs .gpu-bench/ from bench/device_prep.sh (run that first, on a machine with PyPI access).
 #
-#   device tool: run(command="bash bench/device_run.sh", carry=[".gpu-bench"], timeout_s=600)
+#   OUT=/tmp/out bash bench/device_run.sh       (in a copy of the repository with .gpu-bench/)
 #
 # Expected: ~15 s installing wheels, ~2.5 min reference (~1.5 min of it the model-offload run),
 # ~3.5 min benchmark: about 6.5 min in all, under the 10-minute limit of one command.
-# SKIP_BASELINE=1 runs only the benchmark (on the same warm machine the reference still applies);
+# SKIP_BASELINE=1 runs only the benchmark (compare it only with a reference from the same card);
 # BENCH_ARGS passes options to bench/gpu.py (e.g. "--skip fp8").
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -304,7 +304,9 @@ class PerformanceConfig(_Section):
     compile_cache: Path | None = Field(
         None, description="Folder for compiled kernels, kept across restarts; null: $TORCHINDUCTOR_CACHE_DIR."
     )
-    warmup: bool = Field(False, description="Run one image per warmup size before the worker reports ready.")
+    warmup: Literal["auto"] | bool = Field(
+        "auto", description="Run one image per warmup size before the worker reports ready; auto: on CUDA."
+    )
     warmup_sizes: list[str] = Field(
         ["1024x1024", "512x512"], max_length=16, description="WIDTHxHEIGHT sizes warmed up (and compiled) at start."
     )

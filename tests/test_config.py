@@ -177,7 +177,8 @@ def test_bad_engine_settings_name_their_key(tmp_path, data, key):
 def test_performance_defaults_keep_the_unmeasured_options_off(tmp_path):
     performance = parse_config({}, tmp_path).performance
     assert performance.start_mode == "balanced" and performance.balanced_vram_gib == 15.0
-    assert not performance.compile and not performance.warmup and not performance.fp8_storage
+    assert not performance.compile and not performance.fp8_storage
+    assert performance.warmup == "auto"  # on with CUDA only: the CPU demo and tests start at once
     assert performance.sizes == [(1024, 1024), (512, 512)]
 
 

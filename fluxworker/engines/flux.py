@@ -134,7 +134,7 @@ class FluxEngine(Engine):
             ignored = [key for key in ("compile", "fp8_storage") if getattr(performance, key)]
             if ignored:
                 log.warning("performance.%s applies on CUDA only: ignored on %s", " and ".join(ignored), self.device)
-        if performance.warmup or self.compiled:
+        if performance.warmup is True or (performance.warmup == "auto" and self.device == "cuda") or self.compiled:
             self.warm_up()
 
     @property

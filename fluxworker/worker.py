@@ -72,7 +72,8 @@ class Worker:
         self.engines = engines
         self.waker = Waker()
         self.stop_requests = 0
-        self._stop_deadline: float | None = None
+        self._stop_requested_at: float | None = None
+        self._stop_logged = False
         self._unsettled: dict[str, float] = {}
         self._finishing: set[str] = set()  # ids of jobs run but not yet finished (see Finisher.hold)
         self._status: dict = {}
@@ -91,6 +92,8 @@ class Worker:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requests += 1
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()  # the stop timeout counts from here
         # A second signal gets the default action: the process ends at once.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -370,6 +373,9 @@ class Worker:
                 timings={"queued_s": queued_s, "run_s": run_s, "total_s": queued_s + run_s},
             )
         except StopNow:
+            # A deliberate stop, not a crash: the job goes back to the head of the queue without
+            # counting as an attempt (three crashes fail a job; three restarts must not).
+            self.inbox.requeue(path)
             raise
         except JobError as exc:
             record = failed_record(job.id, exc, job.type)
@@ -451,11 +457,10 @@ class Worker:
     def _check_stop(self) -> None:
         if not self.stopping:
             return
-        now = time.monotonic()
-        if self._stop_deadline is None:
-            self._stop_deadline = now + self.config.worker.stop_timeout
+        if not self._stop_logged:
+            self._stop_logged = True
             log.info("stop requested: finishing the job in hand (at most %.0fs)", self.config.worker.stop_timeout)
-        elif now > self._stop_deadline:
+        if time.monotonic() > (self._stop_requested_at or 0.0) + self.config.worker.stop_timeout:
             raise StopNow()
 
 

@@ -256,7 +256,7 @@ class Worker:
                     break
                 if self._process(entry.name, entry.mtime):
                     ran += 1
-                    self.engines.maintain()
+                    self._maintain()  # a long queue must not put off idle unloading or retention
         finally:
             self.finisher.release()  # the last job of the batch (see _run)
         return ran
@@ -324,14 +324,16 @@ class Worker:
         valid ones, get a failed record."""
         stem = path.name[: -len(".json")]
         job_id = job_type = None
+        transport = "inbox"
         if isinstance(data, dict):
             job_id = data.get("id") if is_valid_id(data.get("id")) else None
             job_type = data.get("type", "generate")
             job_type = job_type if job_type in ("generate", "upscale") else None
+            transport = data.get("transport") if data.get("transport") in ("http", "mqtt") else "inbox"
         job_id = job_id or (stem if is_valid_id(stem) else None)
-        log.warning("rejected %s: %s [%s]", path.name, error.message, error.code)
+        log.warning("rejected %s: %s [%s] transport=%s", path.name, error.message, error.code, transport)
         self.inbox.reject(path, error, job_id, job_type)
-        self.metrics.record(job_type="unknown", engine="none", transport="inbox", outcome="rejected",
+        self.metrics.record(job_type=job_type or "unknown", engine="none", transport=transport, outcome="rejected",
                             run_s=0.0, steps=None)
         self.metrics.save()
 

@@ -29,11 +29,12 @@ from .errors import JobError
 from .finisher import Finisher
 from .images import png_bytes
 from .inbox import Inbox, WorkerBusy, write_atomic
-from .jobs import Job, done_record, draw_seed, failed_record, is_valid_id, now_iso, parse_job, parse_json, spec_json
+from .jobfiles import JobFiles
+from .jobs import Job, done_record, draw_seed, failed_record, now_iso, parse_job, spec_json
 from .metadata import job_parameters
 from .metrics import SNAPSHOT_NAME, JobMetrics
-from .retention import enforce as enforce_retention
 from .systemd import notify
+from .upkeep import Upkeep
 from .statusfile import StatusWriter
 from .wakeup import InboxEvents, Waker, watch
 
@@ -42,8 +43,6 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_STOP_TIMEOUT = 75  # the job in hand outlasted stop_timeout; it runs again at the next start
 MAX_ATTEMPTS = 3  # a job that crashed the worker this many times is failed instead of rerun
-ABANDONED_AFTER = 3600.0  # a temporary file this old was left by a writer that died mid-write
-SWEEP_INTERVAL = 600.0  # how often the worker looks for such files (first at start)
 HOLD_UP_TO_BYTES = 64 * 1024  # a finished job waits for the next to start only if that one is this small
 
 
@@ -74,17 +73,17 @@ class Worker:
         self.stop_requests = 0
         self._stop_requested_at: float | None = None
         self._stop_logged = False
-        self._unsettled: dict[str, float] = {}
         self._finishing: set[str] = set()  # ids of jobs run but not yet finished (see Finisher.hold)
         self._status: dict = {}
         self.jobs_done = 0
         self.metrics = JobMetrics(self.inbox.processing / SNAPSHOT_NAME)
-        self._next_retention = 0.0
-        self._next_sweep = 0.0
+        self.upkeep = Upkeep(self.inbox, config.retention)
         self._blocked: dict | None = None  # outputs/ could not be written: jobs wait in the inbox
         self.status_listeners: list[Callable[[dict], None]] = []  # told of every status change and step
         self.finish_listeners: list[Callable[[dict], None]] = []  # told of every completion record written
         self.finisher = Finisher(self._finish)
+        # Decoding a large job's images takes a while: the held job is handed over first.
+        self.files = JobFiles(config, self.inbox, self.metrics, self.finisher.release, HOLD_UP_TO_BYTES)
         self.status_writer = StatusWriter(self.inbox.write_status)
         self._status_lock = threading.Lock()
 
@@ -147,9 +146,9 @@ class Worker:
             if requeued:
                 log.info("requeued %d job(s) left in processing: %s", len(requeued), ", ".join(requeued))
             for path in poisoned:
-                self._reject(path, JobError(
+                self.files.reject(path, JobError(
                     "worker_crashed", f"the worker stopped {MAX_ATTEMPTS} times while running this job"),
-                    self._read_leniently(path))
+                    self.files.read_leniently(path))
             if self.engines is None:
                 self.engines = build_engines(self.config)
             self.engines.load()
@@ -213,30 +212,12 @@ class Worker:
             except StopNow:
                 log.warning("stop timeout passed; the job in hand will run again at the next start")
                 return EXIT_STOP_TIMEOUT
-            self._maintain()
+            self.upkeep.run(self.engines)
             if not ran and not self.stopping:
                 self._settle_status()
                 self.waker.wait(interval)
         log.info("stop requested: worker exits after %d job(s)", self.jobs_done)
         return EXIT_OK
-
-    def _maintain(self) -> None:
-        """Upkeep between jobs: free idle engines (models.unload_after), remove temporary files
-        that killed writers left behind, enforce retention."""
-        self.engines.maintain()
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + SWEEP_INTERVAL
-            removed = self.inbox.remove_abandoned(ABANDONED_AFTER)
-            if removed:
-                log.info("removed %d temporary file(s) left by writers that stopped mid-write", len(removed))
-        rules = self.config.retention
-        if not rules.enabled or time.monotonic() < self._next_retention:
-            return
-        self._next_retention = time.monotonic() + rules.interval
-        try:
-            enforce_retention(self.inbox, rules.max_age_seconds, rules.max_total_bytes)
-        except OSError as exc:
-            log.warning("retention could not run: %s", exc)
 
     def _settle_status(self) -> None:
         """Before the loop sleeps: a status still showing the last job becomes "idle"."""
@@ -256,43 +237,26 @@ class Worker:
                     break
                 if self._process(entry.name, entry.mtime):
                     ran += 1
-                    self._maintain()  # a long queue must not put off idle unloading or retention
+                    self.upkeep.run(self.engines)  # a long queue must not put off idle unloading or retention
         finally:
             self.finisher.release()  # the last job of the batch (see _run)
         return ran
 
-    def _ready(self, name: str, mtime: float) -> bool:
-        """A file is ready once it parses as JSON; one that does not parse for ``settle_seconds``
-        is taken anyway (and rejected)."""
-        path = self.inbox.root / name
-        try:
-            if path.stat().st_size > self.config.limits.max_job_bytes:
-                return True  # rejected after the claim, without reading it or waiting
-            parse_json(path.read_bytes(), self.config.limits.max_job_bytes)
-            self._unsettled.pop(name, None)
-            return True
-        except FileNotFoundError:
-            return False
-        except JobError:
-            first_seen = self._unsettled.setdefault(name, time.monotonic())
-            age = min(time.time() - mtime, time.monotonic() - first_seen)
-            return age >= self.config.inbox.settle_seconds
-
     def _process(self, name: str, mtime: float) -> bool:
-        if self.finisher.busy(name) or not self._ready(name, mtime):
+        if self.finisher.busy(name) or not self.files.ready(name, mtime):
             return False  # a copy of a job still being finished waits for it to be done
         path = self.inbox.claim(name)
         if path is None:
             return False
-        self._unsettled.pop(name, None)
+        self.files.taken(name)
         queued_s = max(0.0, time.time() - mtime)
         stem = name[: -len(".json")]
         data = None
         try:
-            data = self._read(path)
+            data = self.files.read(path)
             job = parse_job(data, self.config.limits, default_id=stem)
         except JobError as exc:
-            self._reject(path, exc, data)
+            self.files.reject(path, exc, data)
             return True
         if job.id in self._finishing:
             self.finisher.drain()  # a copy of this job under another file name: its record first
@@ -302,40 +266,6 @@ class Worker:
             return True
         self._run(job, path, queued_s)
         return True
-
-    def _read(self, path: Path):
-        """A claimed job file's JSON; one over ``limits.max_job_bytes`` is refused unread."""
-        limit = self.config.limits.max_job_bytes
-        size = path.stat().st_size
-        if size > limit:
-            raise JobError("too_large", f"the job file has {size} bytes; the limit is {limit}")
-        if size > HOLD_UP_TO_BYTES:
-            self.finisher.release()  # decoding this job's images takes a while: no holding back
-        return parse_json(path.read_bytes(), limit)
-
-    def _read_leniently(self, path: Path):
-        try:
-            return self._read(path)
-        except (JobError, OSError):
-            return None
-
-    def _reject(self, path: Path, error: JobError, data=None) -> None:
-        """A file that is not a valid job goes to failed/; its id and type, where the file names
-        valid ones, get a failed record."""
-        stem = path.name[: -len(".json")]
-        job_id = job_type = None
-        transport = "inbox"
-        if isinstance(data, dict):
-            job_id = data.get("id") if is_valid_id(data.get("id")) else None
-            job_type = data.get("type", "generate")
-            job_type = job_type if job_type in ("generate", "upscale") else None
-            transport = data.get("transport") if data.get("transport") in ("http", "mqtt") else "inbox"
-        job_id = job_id or (stem if is_valid_id(stem) else None)
-        log.warning("rejected %s: %s [%s] transport=%s", path.name, error.message, error.code, transport)
-        self.inbox.reject(path, error, job_id, job_type)
-        self.metrics.record(job_type=job_type or "unknown", engine="none", transport=transport, outcome="rejected",
-                            run_s=0.0, steps=None)
-        self.metrics.save()
 
     def _resolve_seed(self, job: Job, path: Path) -> tuple[Job, int | None]:
         """Draw the seed of a job that has none, and keep it in the job file so that a rerun after

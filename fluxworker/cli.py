@@ -176,6 +176,8 @@ class _ProgressBar:
     def __init__(self, stream):
         self.stream = stream
         self.enabled = stream.isatty()
+        self._seen = (0, 0)  # the furthest step shown: between the last step and the record, the
+        # job is still in processing/ but the status no longer names it, and the bar must not go back
 
     def __call__(self, state: dict) -> None:
         if not self.enabled:
@@ -184,6 +186,9 @@ class _ProgressBar:
             text = f"queued (position {state['position']})"
         else:
             step, total = state.get("step") or 0, state.get("total") or 0
+            if step < self._seen[0]:
+                step, total = self._seen
+            self._seen = (step, total)
             filled = int(30 * step / total) if total else 0
             text = f"running [{'#' * filled}{'.' * (30 - filled)}] {step}/{total or '?'}"
         self.stream.write(f"\r\x1b[2K{state['id']}: {text}")

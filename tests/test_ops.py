@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import subprocess
 import time
 
 import pytest
@@ -100,6 +101,28 @@ def test_status_prints_the_worker_the_queue_and_the_last_results(server):
     assert "st-1  done  /outputs/st-1.png" in result.stdout
     data = json.loads(run_cli("status", "--json", "--config", str(server.config_file)).stdout)
     assert data["worker"]["state"] == "idle" and data["queued"] == []
+
+
+def test_status_of_a_worker_never_started_and_of_one_that_died_mid_job(tmp_path, config_file):
+    never = run_cli("status", "--config", str(config_file))
+    assert never.returncode == 0, never.stderr
+    assert "worker: never started (no status file)" in never.stdout and "None" not in never.stdout
+    assert json.loads(run_cli("status", "--json", "--config", str(config_file)).stdout)["worker"] == {"alive": False}
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    inbox = Inbox(tmp_path / "inbox", tmp_path / "outputs")
+    inbox.ensure()
+    inbox.status_path.write_text(json.dumps({"state": "running", "pid": gone.pid, "ready": True,
+                                             "job": {"id": "lost", "type": "generate", "engine": "flux"}}))
+    dead = run_cli("status", "--config", str(config_file))
+    assert f"worker: running (process {gone.pid} is gone)" in dead.stdout and "running: lost" not in dead.stdout
+    worker = json.loads(run_cli("status", "--json", "--config", str(config_file)).stdout)["worker"]
+    assert worker["state"] == "running" and worker["alive"] is False
+
+    inbox.status_path.write_text(json.dumps({"state": "idle", "pid": os.getpid()}))
+    live = json.loads(run_cli("status", "--json", "--config", str(config_file)).stdout)["worker"]
+    assert live == {"state": "idle", "pid": os.getpid(), "alive": True}
 
 
 # -- retention ------------------------------------------------------------------------------------

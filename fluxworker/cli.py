@@ -161,6 +161,10 @@ def cmd_info(args) -> int:
     if found["parameters"] is not None:
         print(found["parameters"])
     if document is not None:
+        if document.get("model"):
+            settings = ", ".join(f"{k}={str(v).lower()}" for k, v in sorted((document.get("settings") or {}).items()))
+            print(f"\nmade with model {document['model']}" + (f" ({settings})" if settings else "")
+                  + ": the same job gives the same image with the same model and settings")
         print()
         print("job (fluxworker info --job IMAGE > job.json; fluxworker submit job.json):")
         print(json.dumps(document["job"], indent=2))

@@ -149,7 +149,8 @@ class MqttBridge:
     def _run(self) -> None:
         next_sweep = time.monotonic() + SWEEP_SECONDS
         stop_by = None
-        while stop_by is None or (time.monotonic() < stop_by and self.deliveries.inflight and self.client.is_connected()):
+        while stop_by is None or (time.monotonic() < stop_by and self.deliveries.inflight
+                                  and self.client.is_connected()):
             wait = next_sweep - time.monotonic()
             if stop_by is not None:
                 wait = min(wait, stop_by - time.monotonic())

@@ -142,7 +142,7 @@ def test_install_script_is_idempotent_and_uninstall_keeps_the_outputs(install_ro
 
 @needs_root
 def test_install_refuses_a_python_older_than_3_11_and_says_how_to_choose_another(install_root, tmp_path):
-    args, dirs, user = install_root
+    args, dirs, _user = install_root
     shutil.rmtree(dirs["--prefix"] / "venv")
     old = tmp_path / "python3.10"
     old.write_text("#!/bin/sh\ncase \"$1\" in --version) echo Python 3.10.12;; *) exit 1;; esac\n")

@@ -298,8 +298,7 @@ def test_refused_messages_are_counted_for_the_metrics(broker, probe_factory, bri
     wait_for(lambda: line in render(bridge.inbox).decode(), timeout=10, what="the refusals in the metrics")
 
 
-def test_an_owed_result_whose_record_retention_removed_is_forgotten(broker, probe_factory, bridge_factory):
-    sender = probe_factory(broker, topics=["fluxworker/jobs/+/status"])
+def test_an_owed_result_whose_record_retention_removed_is_forgotten(broker, bridge_factory):
     bridge = bridge_factory(broker)
     wait_for(lambda: bridge.client.is_connected(), timeout=20, what="the bridge connected")
     broker.kill()

@@ -11,7 +11,7 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from brokers import Broker, Probe
@@ -92,6 +92,15 @@ payloads = st.one_of(
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.filter_too_much, HealthCheck.data_too_large])
 @given(payload=payloads)
+# Always tried, whatever the draw: the shapes that break parsers.
+@example(payload=b"[" * 100_000 + b"]" * 100_000)
+@example(payload=b'{"a":' * 5_000 + b"1" + b"}" * 5_000)
+@example(payload=b'{"id": "huge", "prompt": "x", "width": 1' + b"0" * 5_000 + b"}")
+@example(payload=b'{"id": "huge-float", "prompt": "x", "width": 1e999, "seed": -1e999}')
+@example(payload=b'{"id": "nan", "prompt": "x", "strength": NaN}')
+@example(payload='{"id": "\ud800", "prompt": "\U0010ffff\u202e\u0000"}'.encode("utf-8", "surrogatepass"))
+@example(payload=b"\xff\xfe\x00{")
+@example(payload=b"")
 def test_every_refused_message_gets_an_error_with_code_message_and_field(fuzz, payload):
     assume(refused(payload, fuzz.limits))
     probe = fuzz.probe

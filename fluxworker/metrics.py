@@ -63,6 +63,11 @@ class JobMetrics:
             self.steps_per_second = steps / run_s
         self.gpu = _gpu_memory()
 
+    def sample_gpu(self) -> None:
+        """Take the CUDA memory figures now (say, once the models are loaded), not only after a job."""
+        with self._lock:
+            self.gpu = _gpu_memory()
+
     def count_rejected(self, transport: str) -> None:
         """One more message or file refused before it became a job; saved at once."""
         self.record(job_type="unknown", engine="none", transport=transport, outcome="rejected", run_s=0.0,

@@ -82,7 +82,6 @@ class MqttBridge:
         client.on_publish = lambda c, u, mid, rc, props: self._events.put(("published", mid))
         return client
 
-
     # -- life cycle (the worker's thread) ----------------------------------------------------
 
     def start(self) -> None:

@@ -4,6 +4,7 @@
 #
 #   sudo deploy/install.sh [--no-start] [--user NAME] [--prefix DIR] [--config-dir DIR]
 #                          [--data-dir DIR] [--cache-dir DIR] [--unit-dir DIR] [--pip-args "ARGS"]
+#                          [--python PYTHON]   # Python >= 3.11 for the venv (or PYTHON=...); default python3
 #   sudo deploy/install.sh --uninstall    # removes the units and the venv; keeps config and outputs
 set -euo pipefail
 
@@ -20,7 +21,7 @@ uninstall=0
 python=${PYTHON:-python3}
 units=(fluxworker-worker.service fluxworker-api.service fluxworker.target)
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
     case "$1" in
@@ -31,6 +32,7 @@ while (($#)); do
         --cache-dir) cache_dir=$2; shift ;;
         --unit-dir) unit_dir=$2; shift ;;
         --pip-args) pip_args=$2; shift ;;
+        --python) python=$2; shift ;;
         --no-start) start=0 ;;
         --uninstall) uninstall=1 ;;
         -h|--help) usage; exit 0 ;;
@@ -40,18 +42,30 @@ while (($#)); do
 done
 
 say() { printf 'install.sh: %s\n' "$*"; }
-have_systemd() { [ "$start" = 1 ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; }
+systemd_running() { command -v systemctl >/dev/null && [ -d /run/systemd/system ]; }
+# Enabling only makes links, so it works without a running systemd (a container, an image being
+# built) and into another root: units installed in <root>/etc/systemd/system are enabled there.
+systemctl_root=()
+enable_units=1
+case "$unit_dir" in
+    /etc/systemd/system | /etc/systemd/system/) ;;
+    */etc/systemd/system | */etc/systemd/system/) systemctl_root=(--root="${unit_dir%/etc/systemd/system*}") ;;
+    *) enable_units=0 ;;  # not where systemd looks for units: nothing to enable them in
+esac
+can_enable() { [ "$enable_units" = 1 ] && command -v systemctl >/dev/null; }
+on_this_system() { [ "${#systemctl_root[@]}" = 0 ] && systemd_running; }
 
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sudo)" >&2; exit 1; }
 
 if [ "$uninstall" = 1 ]; then
-    if have_systemd; then
-        systemctl disable --now "${units[@]}" 2>/dev/null || true
+    if can_enable; then
+        if on_this_system; then systemctl stop "${units[@]}" 2>/dev/null || true; fi
+        systemctl "${systemctl_root[@]}" disable --quiet "${units[@]}" 2>/dev/null || true
     fi
     for unit in "${units[@]}"; do
         rm -f "$unit_dir/$unit"
     done
-    if have_systemd; then systemctl daemon-reload; fi
+    if on_this_system; then systemctl daemon-reload; fi
     rm -rf "$prefix/venv"
     rmdir "$prefix" 2>/dev/null || true
     say "removed the units and $prefix/venv"
@@ -75,8 +89,13 @@ install -d -m 0700 -o root -g root "$config_dir/credentials"
 install -d -m 0750 -o "$user" -g "$user" "$data_dir" "$data_dir/inbox" "$data_dir/outputs" "$data_dir/models"
 install -d -m 0750 -o "$user" -g "$user" "$cache_dir" "$cache_dir/huggingface" "$cache_dir/inductor"
 
-# 3. The package in its own venv.
+# 3. The package in its own venv, on Python 3.11 or newer (Ubuntu 22.04's python3 is 3.10).
 if [ ! -x "$prefix/venv/bin/python" ]; then
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "install.sh: fluxworker needs Python >= 3.11; $python is $("$python" --version 2>&1 || echo missing)." >&2
+        echo "install.sh: install one (e.g. apt install python3.11 python3.11-venv) and run: sudo deploy/install.sh --python python3.11" >&2
+        exit 1
+    fi
     "$python" -m venv "$prefix/venv"
     say "created $prefix/venv"
 fi
@@ -110,12 +129,19 @@ for unit in "${units[@]}"; do
 done
 say "installed ${units[*]} in $unit_dir"
 
-# 6. Start at boot, and now.
-if have_systemd; then
-    systemctl daemon-reload
-    systemctl enable fluxworker.target fluxworker-worker.service fluxworker-api.service
+# 6. Start at boot (also with --no-start), and now.
+if on_this_system; then systemctl daemon-reload; fi
+if can_enable; then
+    systemctl "${systemctl_root[@]}" enable --quiet "${units[@]}"
+    say "enabled fluxworker.target: it starts at boot"
+else
+    say "not enabled: $unit_dir is not where systemd looks for units (or there is no systemctl)"
+fi
+if [ "$start" = 1 ] && on_this_system; then
     systemctl restart fluxworker.target
     say "started: systemctl status fluxworker-worker fluxworker-api; journalctl -u 'fluxworker-*' -f"
+elif [ "$start" = 1 ]; then
+    say "not started: systemd is not running here"
 else
-    say "systemd not started here (--no-start, or no running systemd): units installed but not enabled"
+    say "not started (--no-start): sudo systemctl start fluxworker.target"
 fi

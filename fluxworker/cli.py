@@ -93,6 +93,19 @@ def cmd_tiny_models(args) -> int:
     return 0
 
 
+def _process_alive(pid) -> bool:
+    """Whether a process with this id exists (one of another user counts)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def cmd_status(args) -> int:
     """The queue, the running job and the last results, from the folders."""
     from .inbox import Inbox
@@ -102,23 +115,20 @@ def cmd_status(args) -> int:
     status = inbox.read_status() or {}
     queue = inbox.scan()
     records = inbox.recent(args.last)
+    pid = status.get("pid")
+    alive = _process_alive(pid)
     if args.json:
-        print(json.dumps({"worker": status, "queued": [e.name[:-5] for e in queue],
+        # "alive" tells a worker that died without saying so (its last state stays "running").
+        print(json.dumps({"worker": {**status, "alive": alive}, "queued": [e.name[:-5] for e in queue],
                           "recent": records}, indent=2))
         return 0
-    state = status.get("state", "never started")
-    pid = status.get("pid")
-    alive = False
-    if isinstance(pid, int):
-        try:
-            os.kill(pid, 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-    print(f"worker: {state if alive or state == 'stopped' else f'{state} (process {pid} is gone)'}"
-          + (f", pid {pid}" if alive else ""))
+    state = status.get("state")
+    if state is None:
+        print("worker: never started (no status file)")
+    elif alive or state == "stopped":
+        print(f"worker: {state}" + (f", pid {pid}" if alive else ""))
+    else:
+        print(f"worker: {state} (process {pid} is gone)")
     for engine, reason in (status.get("unavailable") or {}).items():
         print(f"  {engine} unavailable: {reason}")
     job = status.get("job")
@@ -160,6 +170,10 @@ def cmd_info(args) -> int:
     if found["parameters"] is not None:
         print(found["parameters"])
     if document is not None:
+        if document.get("model"):
+            settings = ", ".join(f"{k}={str(v).lower()}" for k, v in sorted((document.get("settings") or {}).items()))
+            print(f"\nmade with model {document['model']}" + (f" ({settings})" if settings else "")
+                  + ": the same job gives the same image with the same model and settings")
         print()
         print("job (fluxworker info --job IMAGE > job.json; fluxworker submit job.json):")
         print(json.dumps(document["job"], indent=2))

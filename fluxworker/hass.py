@@ -17,6 +17,8 @@ from .errors import JobError
 from .inbox import write_atomic
 from .mqtt_topics import Topics
 
+TEXT_MAX = 255  # the longest state Home Assistant's text entity accepts
+
 
 def node_id(client_id: str) -> str:
     """The client id reduced to what a discovery topic level allows."""
@@ -52,7 +54,7 @@ def discovery_messages(cfg: MqttConfig, topics: Topics, client_id: str, version:
         ("image", "image", {"name": "Latest image", "icon": "mdi:image", **image}),
         ("text", "prompt", {
             "name": "Prompt", "icon": "mdi:text-box-edit", "command_topic": topics.prompt_set,
-            "state_topic": topics.prompt, "min": 0, "max": 255, "mode": "text",
+            "state_topic": topics.prompt, "min": 0, "max": TEXT_MAX, "mode": "text",
         }),
         ("button", "generate", {
             "name": "Generate", "icon": "mdi:creation", "command_topic": topics.generate, "payload_press": "PRESS",
@@ -98,7 +100,9 @@ class Prompt:
         except UnicodeDecodeError:
             raise JobError("invalid_value", "prompt: not UTF-8 text", "prompt") from None
         if len(text) > self.max_length:
-            raise JobError("invalid_length", f"prompt: longer than {self.max_length} characters", "prompt")
+            why = " (Home Assistant's text entity holds no more)" if self.max_length == TEXT_MAX else ""
+            raise JobError("invalid_length", f"prompt: {len(text)} characters is longer than {self.max_length}{why}",
+                           "prompt")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, text.encode())
         self.text = text

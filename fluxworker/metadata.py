@@ -3,9 +3,12 @@
 Two text chunks:
 - ``parameters``: the line format most image tools read (prompt on the first line, then
   ``Steps: 4, Sampler: ..., Seed: ..., Size: WxH, ...``);
-- ``fluxworker``: JSON with the job as it ran (``{"version", "job", "inputs"}``), where ``job`` is a
-  valid job spec with its seed, ready to submit again. Input images are not embedded; ``inputs``
-  gives their SHA-256 so a rerun can be checked against the right files.
+- ``fluxworker``: JSON with the job as it ran (``{"version", "job", "inputs"}``, and for FLUX
+  ``"model"`` and ``"settings"``), where ``job`` is a valid job spec with its seed, ready to submit
+  again. Input images are not embedded; ``inputs`` gives their SHA-256 so a rerun can be checked
+  against the right files. ``model`` is the configured FLUX model (its hub id, or its folder's name)
+  and ``settings`` the worker settings that change the pixels (float8 weights, compilation): the
+  same job gives the same image only with the same model and settings.
 
 Neither chunk holds the job id or any time, so a rerun of the same job gives the same bytes.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from typing import Any
 
 from PIL import Image
@@ -39,8 +43,21 @@ def _input_digest(value: str | None) -> str | None:
     return hashlib.sha256(raw).hexdigest()
 
 
-def job_parameters(job: Job, seed: int | None, size: tuple[int, int]) -> dict[str, str]:
-    """The PNG text chunks for an image made by ``job`` with ``seed``."""
+def model_name(reference: str | None) -> str:
+    """How a FLUX model reference is named in an image: a hub id as it is, a local folder by its
+    name (its full path says nothing on another machine)."""
+    if not reference:
+        return _ENGINE_NAMES["flux"]
+    if os.path.isabs(reference) or reference.startswith((".", "~")):
+        return os.path.basename(os.path.normpath(reference)) or reference
+    return reference
+
+
+def job_parameters(job: Job, seed: int | None, size: tuple[int, int], *, model: str | None = None,
+                   performance: Any = None) -> dict[str, str]:
+    """The PNG text chunks for an image made by ``job`` with ``seed``. ``model`` is the configured
+    FLUX model (``models.flux``) and ``performance`` the ``performance`` config section; without
+    them the model is named FLUX.1-schnell and the pixel-changing settings are not recorded."""
     spec = job.spec
     fields = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _INTERNAL}
     if job.engine != "flux":
@@ -48,23 +65,36 @@ def job_parameters(job: Job, seed: int | None, size: tuple[int, int]) -> dict[st
     else:
         fields["seed"] = seed
     inputs = {name: _input_digest(getattr(spec, name)) for name in ("image", "mask") if getattr(spec, name)}
+    settings = None
+    if performance is not None and job.engine == "flux":
+        settings = {"fp8_storage": bool(getattr(performance, "fp8_storage", False)),
+                    "compile": bool(getattr(performance, "compile", False))}
 
     if job.engine == "flux":
         lines = [spec.prompt or ""]
         details = [
             f"Steps: {spec.num_inference_steps}", "Sampler: Euler", "Schedule type: Flow matching",
-            "CFG scale: 0", f"Seed: {seed}", f"Size: {size[0]}x{size[1]}", f"Model: {_ENGINE_NAMES['flux']}",
+            "CFG scale: 0", f"Seed: {seed}", f"Size: {size[0]}x{size[1]}", f"Model: {model_name(model)}",
         ]
         if spec.image is not None:
             details.append(f"Denoising strength: {spec.strength:g}")
             details.append("Mode: inpaint" if spec.mask is not None else "Mode: img2img")
+        else:
+            details.append("Mode: txt2img")
         details += [f"Performance mode: {spec.performance_mode}", f"No text: {str(spec.no_text).lower()}"]
+        if settings:
+            details += [f"FP8 storage: {str(settings['fp8_storage']).lower()}",
+                        f"Compiled: {str(settings['compile']).lower()}"]
     else:
         lines = [""]
         details = [f"Model: {_ENGINE_NAMES[job.engine]}", f"Size: {size[0]}x{size[1]}"]
     details.append(f"Version: fluxworker {__version__}")
     lines.append(", ".join(details))
-    document = {"version": __version__, "job": fields, "inputs": inputs}
+    document: dict[str, Any] = {"version": __version__, "job": fields, "inputs": inputs}
+    if job.engine == "flux":
+        document["model"] = model_name(model)
+        if settings:
+            document["settings"] = settings
     return {PARAMETERS_KEY: "\n".join(lines), JSON_KEY: json.dumps(document, ensure_ascii=False, sort_keys=True)}
 
 

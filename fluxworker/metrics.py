@@ -2,7 +2,8 @@
 
 The worker and the API are separate processes. The worker keeps its counters in a small JSON
 snapshot (``inbox/processing/.metrics.json``, replaced atomically after each job and reloaded at
-start, so counters survive restarts); the API turns the snapshot, plus the queue it sees on disk,
+start, so counters survive restarts), and its MQTT bridge counts the messages it refuses in
+another (``inbox/mqtt/.metrics.json``); the API turns the snapshot, plus the queue it sees on disk,
 into Prometheus metric families at each scrape.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Iterable
@@ -18,6 +20,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .inbox import Inbox, read_json, write_atomic
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_NAME = ".metrics.json"
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -59,6 +63,20 @@ class JobMetrics:
             self.steps_per_second = steps / run_s
         self.gpu = _gpu_memory()
 
+    def sample_gpu(self) -> None:
+        """Take the CUDA memory figures now (say, once the models are loaded), not only after a job."""
+        with self._lock:
+            self.gpu = _gpu_memory()
+
+    def count_rejected(self, transport: str) -> None:
+        """One more message or file refused before it became a job; saved at once."""
+        self.record(job_type="unknown", engine="none", transport=transport, outcome="rejected", run_s=0.0,
+                    steps=None)
+        try:
+            self.save()
+        except OSError as exc:
+            log.warning("cannot save the job metrics: %s", exc)
+
     def save(self) -> None:
         with self._lock:
             data = json.dumps({
@@ -85,9 +103,14 @@ class _SnapshotCollector:
     def collect(self) -> Iterable:
         data = read_json(self.inbox.processing / SNAPSHOT_NAME)
         data = data if isinstance(data, dict) else {}
+        counts = dict(data.get("jobs", {}))
+        # The MQTT bridge counts the messages it refuses in a snapshot of its own.
+        bridge = read_json(self.inbox.root / "mqtt" / SNAPSHOT_NAME)
+        for key, value in (bridge.get("jobs", {}) if isinstance(bridge, dict) else {}).items():
+            counts[key] = counts.get(key, 0) + value
         jobs = CounterMetricFamily("fluxworker_jobs", "Jobs finished, by type, engine, transport and outcome.",
                                    labels=["type", "engine", "transport", "outcome"])
-        for key, value in sorted(data.get("jobs", {}).items()):
+        for key, value in sorted(counts.items()):
             jobs.add_metric(key.split("|"), value)
         yield jobs
 

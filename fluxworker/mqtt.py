@@ -10,7 +10,8 @@ Threads: paho's network thread only queues events; one bridge thread takes jobs 
 them and publishes, so the bridge's state has one owner and paho's locks never meet ours.
 
 Results go out at least once: when the job finishes, and again after a reconnection or a restart
-for every owed result the broker had not acknowledged.
+for every owed result the broker had not acknowledged (:mod:`.mqtt_delivery`). Jobs from the inbox
+or HTTP that finish while the broker is unreachable are reported at the next connection.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import socket
 import threading
 import time
 from typing import Any
@@ -28,13 +28,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from . import __version__
-from .config import Config, ConfigError
+from .config import Config
 from .errors import JobError
-from .hass import Prompt, discovery_messages
+from .hass import TEXT_MAX, Prompt, discovery_messages
 from .inbox import Inbox
 from .jobs import failed_record, is_valid_id
+from .metrics import SNAPSHOT_NAME, JobMetrics
+from .mqtt_delivery import Deliveries, read_image
 from .mqtt_intake import Intake, Outcome, Owed
-from .mqtt_topics import LastResults, Topics, default_client_id, read_password
+from .mqtt_topics import LastResults, Topics, default_client_id, make_client
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,6 @@ SWEEP_SECONDS = 5.0  # how often owed results are looked for, besides the events
 STATE_MIN_INTERVAL = 0.5  # the retained state changes at most this often (a burst of jobs is one update)
 STOP_SECONDS = 5.0  # on stop, how long the broker may take to acknowledge what is in flight
 PACKET_OVERHEAD = 512  # fixed header, topic and properties, on top of the payload
-
-
-def _no_delay(client, userdata, sock) -> None:
-    """Send small packets at once: with Nagle's algorithm a result published right after its status
-    waits for the broker's delayed acknowledgement, about 40 ms."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass  # not a TCP socket
 
 
 class MqttBridge:
@@ -66,12 +59,14 @@ class MqttBridge:
         self.pending = self.intake.pending
         self.client_id = self.cfg.client_id or default_client_id(inbox.root)
         self.max_bytes = self.cfg.max_publish_bytes
-        self.prompt = Prompt(inbox.root / "mqtt" / "prompt.txt", config.limits.max_prompt_length)
+        # Home Assistant's text entity holds at most 255 characters (it rejects a longer state).
+        self.prompt = Prompt(inbox.root / "mqtt" / "prompt.txt", min(config.limits.max_prompt_length, TEXT_MAX))
         self.last = LastResults(self._public_url)
+        self.deliveries = Deliveries(inbox, self.pending)
+        self.refusals = JobMetrics(inbox.root / "mqtt" / SNAPSHOT_NAME)  # merged with the worker's by the API
+        self._image_owed = True  # the retained image may be older than the latest one (Home Assistant)
         self._events: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._inflight: dict[int, Owed | None] = {}  # mid of a tracked message -> the request it answers
-        self._unacked: dict[str, int] = {}  # job id -> its result messages the broker has not acknowledged
         self._worker_state = "loading"
         self._running: dict | None = None
         self._state_dirty = False
@@ -79,36 +74,12 @@ class MqttBridge:
         self.client = self._make_client()
 
     def _make_client(self) -> paho.Client:
-        cfg = self.cfg
-        version = paho.CallbackAPIVersion.VERSION2
-        if self.v5:
-            client = paho.Client(version, client_id=self.client_id, protocol=paho.MQTTv5, manual_ack=True)
-        else:
-            client = paho.Client(version, client_id=self.client_id, clean_session=False,
-                                 protocol=paho.MQTTv311, manual_ack=True)
+        client = make_client(self.cfg, self.client_id, self.topics)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_connect_fail = lambda c, u: log.warning(
-            "mqtt: cannot reach %s:%d; trying again (at most every %ds)", cfg.host, cfg.port, cfg.reconnect_max_delay)
         client.on_subscribe = self._on_subscribe
         client.on_message = lambda c, u, msg: self._events.put(("message", msg))
         client.on_publish = lambda c, u, mid, rc, props: self._events.put(("published", mid))
-        client.on_socket_open = _no_delay
-        client.reconnect_delay_set(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
-        client.will_set(self.topics.availability, "offline", qos=1, retain=True)
-        if cfg.username:
-            client.username_pw_set(cfg.username, read_password(cfg))
-        if cfg.tls:
-            for key in ("ca_file", "cert_file", "key_file"):
-                path = getattr(cfg, key)
-                if path is not None and not path.is_file():
-                    raise ConfigError(f"mqtt.{key}: file not found (got {str(path)!r})")
-            try:
-                client.tls_set(ca_certs=cfg.ca_file and str(cfg.ca_file), certfile=cfg.cert_file and str(cfg.cert_file),
-                               keyfile=cfg.key_file and str(cfg.key_file))
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"mqtt: cannot use the TLS files: {exc}") from None
-            client.tls_insecure_set(cfg.tls_insecure)
         return client
 
     # -- life cycle (the worker's thread) ----------------------------------------------------
@@ -177,7 +148,8 @@ class MqttBridge:
     def _run(self) -> None:
         next_sweep = time.monotonic() + SWEEP_SECONDS
         stop_by = None
-        while stop_by is None or (time.monotonic() < stop_by and self._inflight and self.client.is_connected()):
+        while stop_by is None or (time.monotonic() < stop_by and self.deliveries.inflight
+                                  and self.client.is_connected()):
             wait = next_sweep - time.monotonic()
             if stop_by is not None:
                 wait = min(wait, stop_by - time.monotonic())
@@ -208,7 +180,7 @@ class MqttBridge:
         if kind == "message":
             self._on_message(value)
         elif kind == "published":
-            self._settle(value)
+            self.deliveries.acknowledged(value)
         elif kind == "status":
             self._on_worker_status(value)
         elif kind == "finished":
@@ -217,9 +189,9 @@ class MqttBridge:
             if value:
                 self.max_bytes = min(self.cfg.max_publish_bytes, int(value))
             if self.cfg.qos == 0:  # QoS 0 messages unsent at a disconnection are gone: send them again
-                self._inflight = {mid: owed for mid, owed in self._inflight.items() if owed is None}
-                self._unacked.clear()
+                self.deliveries.forget_unsent()
             self._announce()
+            self._publish_image()
             self._sweep()
 
     # -- messages out -----------------------------------------------------------------------
@@ -254,20 +226,7 @@ class MqttBridge:
         if info.rc != paho.MQTT_ERR_SUCCESS and not (info.rc == paho.MQTT_ERR_NO_CONN and qos > 0):
             return
         if owed is not None or track:
-            self._inflight[info.mid] = owed
-            if owed is not None:
-                self._unacked[owed.id] = self._unacked.get(owed.id, 0) + 1
-
-    def _settle(self, mid: int) -> None:
-        owed = self._inflight.pop(mid, None)
-        if owed is None:
-            return
-        left = self._unacked.get(owed.id, 1) - 1
-        if left > 0:
-            self._unacked[owed.id] = left
-        else:
-            self._unacked.pop(owed.id, None)
-            self.pending.settle(owed)
+            self.deliveries.track(info.mid, owed)
 
     def _public_url(self, url: Any) -> Any:
         """``/outputs/...`` as clients can fetch it: absolute when a public base is set."""
@@ -282,9 +241,10 @@ class MqttBridge:
     def _publish_results(self, job_id: str) -> None:
         """Status, result (and image) of a finished job, and the reply to its requester. An owed
         result is delivered once the broker has acknowledged every one of these messages."""
-        if not self.client.is_connected() or self._unacked.get(job_id):
+        if not self.client.is_connected() or self.deliveries.on_way(job_id):
             return  # the sweep at the next connection sends them; or they are on their way
         record = self.inbox.completion(job_id)
+        self.deliveries.sent(job_id)
         if record is None:
             return
         owed = self.pending.get(job_id)
@@ -294,28 +254,18 @@ class MqttBridge:
         if owed is not None and owed.response_topic:
             self._publish(owed.response_topic, out, reply=owed, owed=owed)
         if self.cfg.publish_image and record.get("status") == "done":
-            png = self._read_image(record)
+            png = read_image(self.inbox, record)
             if png is not None:
                 self._publish(self.topics.job(job_id, "image"), png, owed=owed)
-        if owed is not None and not self._unacked.get(job_id):
+        if owed is not None and not self.deliveries.on_way(job_id):
             self.pending.settle(owed)  # none of them could be sent (too large): nothing is owed any more
-
-    def _read_image(self, record: dict) -> bytes | None:
-        name = record.get("file")
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
-            return None
-        try:
-            return (self.inbox.outputs / name).read_bytes()
-        except OSError:
-            return None
 
     def _sweep(self) -> None:
         """Send every owed result whose job has finished and that is not on its way already."""
         if not self.client.is_connected():
             return
-        for job_id in self.pending.ids():
-            if not self._unacked.get(job_id) and self.inbox.completion(job_id) is not None:
-                self._publish_results(job_id)
+        for job_id in self.deliveries.due():
+            self._publish_results(job_id)
 
     # -- the worker's state, and Home Assistant -----------------------------------------------
 
@@ -324,8 +274,13 @@ class MqttBridge:
         if self._running and (job is None or job.get("id") != self._running["id"]):
             self._running = None  # its results go out once its record is written (on_finished)
         if job and is_valid_id(job.get("id")):
-            self._state_dirty |= self._running is None
+            first = self._running is None
+            self._state_dirty |= first
             self._running = job
+            if first and self.client.is_connected() and self.pending.get(job["id"]) is None:
+                # A job from the inbox or HTTP: the bridge learns of it only now. MQTT jobs had
+                # their queued status when they were taken in.
+                self._publish(self.topics.job(job["id"], "status"), {"id": job["id"], "status": "queued"})
             if self.client.is_connected():  # progress is worth nothing late: never kept for a reconnection
                 self._publish(self.topics.job(job["id"], "status"), {
                     "id": job["id"], "status": "running", "step": job.get("step", 0), "total": job.get("total"),
@@ -340,13 +295,26 @@ class MqttBridge:
             return  # stopped mid-job: it runs again at the next start
         self.last.remember(record)
         self._state_dirty = True
+        if not self.client.is_connected():
+            self.deliveries.miss(job_id)  # reported at the next connection
         self._publish_results(job_id)
-        if record.get("status") == "done" and self.client.is_connected():
-            self._publish(self.topics.image_url, str(self.last.image).encode(), retain=True, qos=1)
-            if self.cfg.hass_discovery and not self.cfg.public_base_url:
-                png = self._read_image(record)
-                if png is not None:
-                    self._publish(self.topics.image, png, retain=True, qos=1)
+        if record.get("status") == "done":
+            self._image_owed = True
+            if self.client.is_connected():
+                self._publish(self.topics.image_url, str(self.last.image).encode(), retain=True, qos=1)
+                self._publish_image()
+
+    def _publish_image(self) -> None:
+        """The latest image as a retained PNG, for Home Assistant's image entity when it has no URL
+        to fetch; again after a reconnection when a job finished while the broker was away."""
+        if not (self._image_owed and self.cfg.hass_discovery and not self.cfg.public_base_url):
+            return
+        if not self.client.is_connected() or not self.last.file:
+            return
+        png = read_image(self.inbox, {"file": self.last.file})
+        if png is not None:
+            self._publish(self.topics.image, png, retain=True, qos=1)
+        self._image_owed = False
 
     def _publish_state(self) -> None:
         self._state_dirty = False
@@ -418,6 +386,7 @@ class MqttBridge:
         """A message that is not a valid job: the error on the errors topic, and where the sender
         listens (the job's topics when its id is known, the response topic when given)."""
         record = failed_record(outcome.job_id, outcome.error)  # type: ignore[arg-type]
+        self.refusals.count_rejected("mqtt")
         self._publish(self.topics.errors, record)
         if outcome.job_id is not None:
             self._publish(self.topics.job(outcome.job_id, "status"), record)

@@ -1,8 +1,9 @@
-"""The MQTT topics of one worker, the client identity it connects with, and what it last made."""
+"""The MQTT topics of one worker, the client it connects with, and what it last made."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -10,9 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import MqttConfig
+import paho.mqtt.client as paho
+
+from .config import ConfigError, MqttConfig
 from .credentials import read_secret
 from .inbox import is_job_name, read_json
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,14 +96,55 @@ def read_password(cfg: MqttConfig) -> str | None:
     return read_secret(cfg.password_credential, cfg.password_env)
 
 
+def _no_delay(client, userdata, sock) -> None:
+    """Send small packets at once: with Nagle's algorithm a result published right after its status
+    waits for the broker's delayed acknowledgement, about 40 ms."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket
+
+
+def make_client(cfg: MqttConfig, client_id: str, topics: Topics) -> paho.Client:
+    """A paho client (VERSION2 callbacks, manual acknowledgements, a persistent session) with the
+    retained last will, the credentials and TLS of ``cfg``; the caller adds its own callbacks."""
+    version = paho.CallbackAPIVersion.VERSION2
+    if cfg.protocol == "v5":
+        client = paho.Client(version, client_id=client_id, protocol=paho.MQTTv5, manual_ack=True)
+    else:
+        client = paho.Client(version, client_id=client_id, clean_session=False, protocol=paho.MQTTv311,
+                             manual_ack=True)
+    client.on_connect_fail = lambda c, u: log.warning(
+        "mqtt: cannot reach %s:%d; trying again (at most every %ds)", cfg.host, cfg.port, cfg.reconnect_max_delay)
+    client.on_socket_open = _no_delay
+    client.reconnect_delay_set(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
+    client.will_set(topics.availability, "offline", qos=1, retain=True)
+    if cfg.username:
+        client.username_pw_set(cfg.username, read_password(cfg))
+    if cfg.tls:
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(cfg, key)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"mqtt.{key}: file not found (got {str(path)!r})")
+        try:
+            client.tls_set(ca_certs=cfg.ca_file and str(cfg.ca_file), certfile=cfg.cert_file and str(cfg.cert_file),
+                           keyfile=cfg.key_file and str(cfg.key_file))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"mqtt: cannot use the TLS files: {exc}") from None
+        client.tls_insecure_set(cfg.tls_insecure)
+    return client
+
+
 class LastResults:
-    """The last seed, error and image URL, for the retained state (Home Assistant's sensors)."""
+    """The last seed, error and image (its URL and file name), for the retained state and Home
+    Assistant's entities."""
 
     def __init__(self, public_url):
         self.public_url = public_url  # turns a record's /outputs/... into what clients can fetch
         self.seed: int | None = None
         self.error: str | None = None
         self.image: str | None = None
+        self.file: str | None = None
 
     def recall(self, outputs: Path, newest: int = 50) -> None:
         """Start from the newest completion records on disk."""
@@ -114,7 +160,8 @@ class LastResults:
 
     def remember(self, record: dict[str, Any], only_missing: bool = False) -> None:
         if record.get("status") == "done":
-            updates = {"seed": record.get("seed"), "image": self.public_url(record.get("url"))}
+            updates = {"seed": record.get("seed"), "image": self.public_url(record.get("url")),
+                       "file": record.get("file")}
         elif record.get("status") == "failed":
             updates = {"error": str((record.get("error") or {}).get("message", ""))[:255]}
         else:

@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(chromium chromium-driver mosquitto mosquitto-clients)  # browser tests; MQTT tests start their own brokers
+# chromium: browser tests; mosquitto: MQTT tests start their own brokers; systemd: systemd-analyze
+# for the unit checks (without it tests/test_deploy.py would skip them).
+apt_packages=(chromium chromium-driver mosquitto mosquitto-clients systemd)
 if ((${#apt_packages[@]})); then
     missing=()
     for pkg in "${apt_packages[@]}"; do

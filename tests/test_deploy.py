@@ -1,8 +1,9 @@
 """The systemd units and the install script, as far as a machine without a running systemd allows.
 
 The install script runs for real (as root: it creates a system user, folders, a venv and the
-units) into temporary folders. Only `systemctl enable/start` cannot run here: no systemd is
-running as init, so the script installs the units without starting them.
+units) into temporary folders, with the units in a separate root's /etc/systemd/system, where
+`systemctl --root` enables them. Only `systemctl start` cannot run here: no systemd is running as
+init. tests/run.sh installs systemd-analyze, so the unit checks run wherever the tests do.
 """
 
 import os
@@ -33,6 +34,25 @@ def test_units_are_hardened(unit, limit):
     assert exposure <= limit, result.stdout
 
 
+@needs_systemd_analyze
+def test_the_shipped_units_pass_systemd_analyze_verify(tmp_path):
+    units = [ROOT / "deploy" / unit for unit in UNITS]
+    shipped = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, units)],
+                             capture_output=True, text=True, timeout=120)
+    # As shipped, the only complaint allowed is the executable that install.sh puts in place.
+    complaints = [line for line in (shipped.stdout + shipped.stderr).splitlines() if line.strip()]
+    assert all("/opt/fluxworker/venv/bin/fluxworker is not executable" in line for line in complaints), complaints
+
+    stub = tmp_path / "fluxworker"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    for unit in units:
+        (tmp_path / unit.name).write_text(unit.read_text().replace("/opt/fluxworker/venv/bin/fluxworker", str(stub)))
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", *(str(tmp_path / u) for u in UNITS)],
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
+
+
 def test_stop_timeout_of_the_worker_unit_covers_the_configured_job_stop_timeout():
     unit = (ROOT / "deploy" / "fluxworker-worker.service").read_text()
     stop = int(next(line for line in unit.splitlines() if line.startswith("TimeoutStopSec=")).split("=")[1])
@@ -47,7 +67,7 @@ def install_root(tmp_path):
     root = tmp_path / "root"
     dirs = {
         "--prefix": root / "opt", "--config-dir": root / "etc", "--data-dir": root / "var" / "lib",
-        "--cache-dir": root / "var" / "cache", "--unit-dir": root / "units",
+        "--cache-dir": root / "var" / "cache", "--unit-dir": root / "sysroot" / "etc" / "systemd" / "system",
     }
     # The venv borrows this test run's packages through a .pth file, so that installing needs no
     # download; the script then installs fluxworker itself into it, as it would on a real machine.
@@ -74,6 +94,12 @@ def test_install_script_is_idempotent_and_uninstall_keeps_the_outputs(install_ro
     args, dirs, user = install_root
     first = run_install(args)
     assert first.returncode == 0, first.stdout + first.stderr
+    assert "enabled fluxworker.target" in first.stdout and "not started (--no-start)" in first.stdout
+    unit_dir = dirs["--unit-dir"]
+    links = [unit_dir / "multi-user.target.wants" / "fluxworker.target",
+             unit_dir / "fluxworker.target.wants" / "fluxworker-worker.service",
+             unit_dir / "fluxworker.target.wants" / "fluxworker-api.service"]
+    assert all(link.is_symlink() for link in links)  # enabled although not started
     second = run_install(args)
     assert second.returncode == 0, second.stdout + second.stderr
 
@@ -109,8 +135,22 @@ def test_install_script_is_idempotent_and_uninstall_keeps_the_outputs(install_ro
     removed = run_install([*args, "--uninstall"])
     assert removed.returncode == 0, removed.stderr
     assert not any(unit.exists() for unit in units)
+    assert not any(link.is_symlink() for link in links)
     assert not (dirs["--prefix"] / "venv").exists()
     assert (data / "outputs" / "keep-me.png").exists() and config.exists()
+
+
+@needs_root
+def test_install_refuses_a_python_older_than_3_11_and_says_how_to_choose_another(install_root, tmp_path):
+    args, dirs, _user = install_root
+    shutil.rmtree(dirs["--prefix"] / "venv")
+    old = tmp_path / "python3.10"
+    old.write_text("#!/bin/sh\ncase \"$1\" in --version) echo Python 3.10.12;; *) exit 1;; esac\n")
+    old.chmod(0o755)
+    result = run_install([*args, "--python", str(old)])
+    assert result.returncode == 1
+    assert "needs Python >= 3.11" in result.stderr and "--python python3.11" in result.stderr
+    assert not (dirs["--prefix"] / "venv").exists()
 
 
 @needs_root

@@ -11,7 +11,8 @@ import re
 import pytest
 
 from fluxworker.config import parse_config
-from fluxworker.hass import discovery_messages
+from fluxworker.errors import JobError
+from fluxworker.hass import TEXT_MAX, Prompt, discovery_messages
 from fluxworker.mqtt_topics import Topics
 
 # What follows the discovery prefix, as Home Assistant matches it.
@@ -104,3 +105,14 @@ def test_the_checker_rejects_what_home_assistant_rejects():
     for topic, payload in bad:
         with pytest.raises((AssertionError, KeyError)):
             check_discovery(topic, json.dumps(payload))
+
+
+def test_the_prompt_entity_takes_no_more_than_its_declared_maximum(tmp_path):
+    cfg = parse_config({"mqtt": {"hass_discovery": True}}, tmp_path).mqtt
+    text = next(p for t, p in discovery_messages(cfg, Topics.from_config(cfg), "node", "0.1.0") if "/text/" in t)
+    prompt = Prompt(tmp_path / "prompt.txt", min(2000, TEXT_MAX))
+    assert prompt.set(("ü" * text["max"]).encode()) == "ü" * text["max"]
+    with pytest.raises(JobError) as refused:
+        prompt.set(b"x" * (text["max"] + 1))
+    assert refused.value.code == "invalid_length" and refused.value.field == "prompt"
+    assert (tmp_path / "prompt.txt").read_text(encoding="utf-8") == "ü" * text["max"]

@@ -53,14 +53,20 @@ def online(probe, topic="fluxworker/status"):
     probe.messages.clear()
 
 
-def finish_like_the_worker(bridge, job_id, image_size=(64, 64)):
+def queue_from_the_inbox(bridge, job_id):
+    """A job that arrives by the inbox (or HTTP): the bridge learns of it from the worker only."""
+    bridge.inbox.submit(parse_job({"id": job_id, "prompt": "a fox", "width": 64, "height": 64},
+                                  bridge.config.limits).spec)
+
+
+def finish_like_the_worker(bridge, job_id, image_size=(64, 64), color=(9, 9, 9)):
     """Claim the job, write its image and completion record as the worker does, and report the
     status changes and the finished record as the worker would."""
     inbox = bridge.inbox
     path = wait_for(lambda: inbox.claim(f"{job_id}.json"), timeout=10, what=f"{job_id} in the inbox")
     job = parse_job(json.loads(path.read_text()), bridge.config.limits)
     bridge.on_status({"state": "running", "job": {"id": job_id, "type": "generate", "step": 1, "total": 4}})
-    inbox.write_output(job.output_name, png_bytes(Image.new("RGB", image_size, (9, 9, 9))))
+    inbox.write_output(job.output_name, png_bytes(Image.new("RGB", image_size, color)))
     record = done_record(job, seed=7, width=image_size[0], height=image_size[1], timings={"run_s": 0.1})
     bridge.on_status({"state": "idle", "job": None})  # the engine is free before the record is written
     inbox.finish(path, record)
@@ -221,6 +227,95 @@ def test_results_produced_while_the_broker_is_down_are_delivered_after_it_return
     wait_for(lambda: bridge.pending.ids() == [], timeout=10, what="every owed result settled")
 
 
+def test_inbox_jobs_finished_while_the_broker_is_down_are_reported_and_the_retained_image_is_the_latest(
+        broker, probe_factory, bridge_factory):
+    listener = probe_factory(broker, topics=["fluxworker/jobs/+/result", "fluxworker/jobs/+/status"],
+                             session="listener")
+    bridge = bridge_factory(broker, hass_discovery=True)
+    queue_from_the_inbox(bridge, "before")
+    first = finish_like_the_worker(bridge, "before", color=(1, 2, 3))
+    listener.wait_message("fluxworker/jobs/before/result")
+    watcher = probe_factory(broker, topics=["fluxworker/image"])
+    old_png = (bridge.inbox.outputs / first["file"]).read_bytes()
+    watcher.wait_message("fluxworker/image", lambda m: m.payload == old_png, timeout=20)
+    watcher.close()
+    broker.wait_saved()  # the listener's session and the retained image survive the SIGKILL
+
+    broker.kill()
+    wait_for(lambda: not bridge.client.is_connected(), timeout=20, what="the bridge to see the broker gone")
+    for job_id, color in (("away-a", (200, 0, 0)), ("away-b", (0, 200, 0))):
+        queue_from_the_inbox(bridge, job_id)
+        finish_like_the_worker(bridge, job_id, color=color)
+    broker.start()
+
+    results = listener.wait_for(lambda p: {m["id"] for m in p.payloads("fluxworker/jobs/+/result")} >= {
+        "away-a", "away-b"} and p.payloads("fluxworker/jobs/+/result"), timeout=30)
+    assert all(r["status"] == "done" for r in results)
+    assert listener.payloads("fluxworker/jobs/away-b/status")[-1]["status"] == "done"
+    newest = (bridge.inbox.outputs / "away-b.png").read_bytes()
+    late = probe_factory(broker, topics=["fluxworker/image"])
+    image = late.wait_message("fluxworker/image", lambda m: m.payload == newest, timeout=20)
+    assert image.retain
+
+
+def test_inbox_jobs_report_queued_running_then_their_result_like_mqtt_jobs(broker, probe_factory, bridge_factory):
+    probe = probe_factory(broker, topics=["fluxworker/jobs/+/status"])
+    bridge = bridge_factory(broker)
+    wait_for(lambda: bridge.client.is_connected(), timeout=20, what="the bridge connected")
+    queue_from_the_inbox(bridge, "from-inbox")
+    finish_like_the_worker(bridge, "from-inbox")
+    probe.wait_message("fluxworker/jobs/from-inbox/status", lambda m: m.json()["status"] == "done")
+    statuses = [s["status"] for s in probe.payloads("fluxworker/jobs/from-inbox/status")]
+    assert statuses == ["queued", "running", "done"]
+
+
+def test_a_prompt_longer_than_home_assistant_accepts_is_refused_on_the_errors_topic(
+        broker, probe_factory, bridge_factory):
+    probe = probe_factory(broker, topics=["fluxworker/errors", "fluxworker/prompt"])
+    bridge = bridge_factory(broker, hass_discovery=True)
+    wait_for(lambda: bridge.client.is_connected(), timeout=20, what="the bridge connected")
+    probe.publish("fluxworker/prompt/set", "a lighthouse at dusk")
+    probe.wait_message("fluxworker/prompt", lambda m: m.payload == b"a lighthouse at dusk")
+    probe.publish("fluxworker/prompt/set", "x" * 256)
+    error = probe.wait_message("fluxworker/errors").json()["error"]
+    assert error["code"] == "invalid_length" and error["field"] == "prompt" and "255" in error["message"]
+    probe.publish("fluxworker/prompt/set", "y" * 255)
+    probe.wait_message("fluxworker/prompt", lambda m: m.payload == b"y" * 255)
+    assert all(len(m.payload) <= 255 for m in probe.received("fluxworker/prompt"))
+    assert bridge.prompt.text == "y" * 255
+
+
+def test_refused_messages_are_counted_for_the_metrics(broker, probe_factory, bridge_factory):
+    from fluxworker.metrics import render
+
+    probe = probe_factory(broker, topics=["fluxworker/errors"])
+    bridge = bridge_factory(broker)
+    wait_for(lambda: bridge.client.is_connected(), timeout=20, what="the bridge connected")
+    for payload in (b"{ not json", b"[]", b'{"id": "bad", "width": -1}'):
+        probe.publish("fluxworker/jobs", payload)
+    probe.wait_for(lambda p: len(p.received("fluxworker/errors")) == 3, timeout=20, what="three errors")
+    line = 'fluxworker_jobs_total{engine="none",outcome="rejected",transport="mqtt",type="unknown"} 3.0'
+    wait_for(lambda: line in render(bridge.inbox).decode(), timeout=10, what="the refusals in the metrics")
+
+
+def test_an_owed_result_whose_record_retention_removed_is_forgotten(broker, bridge_factory):
+    bridge = bridge_factory(broker)
+    wait_for(lambda: bridge.client.is_connected(), timeout=20, what="the bridge connected")
+    broker.kill()
+    wait_for(lambda: not bridge.client.is_connected(), timeout=20, what="the bridge to see the broker gone")
+    # Owed (as after a request from MQTT), finished, and its record removed before the broker returns.
+    bridge.pending.add("gone-job", None)
+    bridge.inbox.submit(parse_job({"id": "gone-job", "prompt": "a fox"}, bridge.config.limits).spec)
+    record = finish_like_the_worker(bridge, "gone-job")
+    (bridge.inbox.outputs / record["file"]).unlink()
+    bridge.inbox.completion_path("gone-job").unlink()
+    bridge.pending.add("still-queued", None)
+    queue_from_the_inbox(bridge, "still-queued")
+    broker.start()
+    wait_for(lambda: bridge.pending.get("gone-job") is None, timeout=30, what="the owed result forgotten")
+    assert bridge.pending.get("still-queued") is not None  # its job is still to run
+
+
 def test_a_message_over_the_size_limit_is_not_published_and_the_error_says_why(
         broker, probe_factory, bridge_factory):
     probe = probe_factory(broker)
@@ -289,6 +384,7 @@ def test_a_missing_tls_file_is_a_configuration_error(tmp_path):
 def test_tls_and_a_password_protected_broker(tmp_path, bridge_factory, monkeypatch, caplog):
     from brokers import Broker
 
+    caplog.set_level(logging.DEBUG)
     certs = tmp_path / "certs"
     certs.mkdir()
 
@@ -310,7 +406,7 @@ def test_tls_and_a_password_protected_broker(tmp_path, bridge_factory, monkeypat
         f"cafile {certs}/ca.pem\ncertfile {certs}/server.pem\nkeyfile {certs}/server.key\n"))
     secure.start()
     try:
-        monkeypatch.setenv("FLUXWORKER_MQTT_PASSWORD", "wrong")
+        monkeypatch.setenv("FLUXWORKER_MQTT_PASSWORD", "wr0ng-pass")
         refused = bridge_factory(secure, folder=tmp_path / "refused", tls=True, ca_file=str(certs / "ca.pem"),
                                  username="studio", host="localhost", port=tls_port)
         wait_for(lambda: "refused the connection" in caplog.text, timeout=20, what="a refused connection")
@@ -319,5 +415,7 @@ def test_tls_and_a_password_protected_broker(tmp_path, bridge_factory, monkeypat
         bridge = bridge_factory(secure, folder=tmp_path / "accepted", tls=True, ca_file=str(certs / "ca.pem"),
                                 username="studio", host="localhost", port=tls_port)
         wait_for(lambda: bridge.client.is_connected(), timeout=20, what="a TLS connection")
+        assert "connected to localhost" in caplog.text  # the log was captured, and holds no password
+        assert "s3cret" not in caplog.text and "wr0ng-pass" not in caplog.text
     finally:
         secure.kill()

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import socket
+import subprocess
 import time
 
 import pytest
@@ -67,7 +69,9 @@ def test_png_parameters_round_trip_and_rerun_gives_the_same_bytes(server, tmp_pa
     lines = found["parameters"].splitlines()
     assert lines[0] == "a red kite, über the dunes"
     assert f"Seed: {body['seed']}" in lines[1] and "Steps: 3" in lines[1] and "Size: 128x64" in lines[1]
-    assert "Model: FLUX.1-schnell" in lines[1] and "fluxworker" in lines[1]
+    # The tiny model's folder is named "flux"; a worker that does not pass its model names FLUX.1-schnell.
+    assert re.search(r"Model: (flux|FLUX\.1-schnell),", lines[1]) and "fluxworker" in lines[1]
+    assert "Mode: txt2img" in lines[1]
     job = found["fluxworker"]["job"]
     assert job["seed"] == body["seed"] and job["performance_mode"] == "fast" and job["no_text"] is True
     assert "id" not in job and "transport" not in job
@@ -81,6 +85,29 @@ def test_png_parameters_round_trip_and_rerun_gives_the_same_bytes(server, tmp_pa
     assert submitted.returncode == 0, submitted.stderr
     record = json.loads(submitted.stdout)
     assert (server.folder / "outputs" / record["file"]).read_bytes() == image.read_bytes()
+
+
+def test_parameters_name_the_configured_model_the_mode_and_the_settings_that_change_pixels(tmp_path):
+    from fluxworker.config import parse_config
+    from fluxworker.jobs import parse_job
+    from fluxworker.metadata import job_parameters
+
+    (tmp_path / "my-flux-finetune").mkdir()
+    config = parse_config({"models": {"flux": "my-flux-finetune"},
+                           "performance": {"fp8_storage": True, "compile": False}}, tmp_path)
+    job = parse_job({"id": "p1", "prompt": "a kite", "width": 64, "height": 64, "seed": 3}, config.limits)
+    chunks = job_parameters(job, 3, (64, 64), model=config.models.flux, performance=config.performance)
+    details = chunks["parameters"].splitlines()[1]
+    for item in ("Model: my-flux-finetune,", "Mode: txt2img,", "FP8 storage: true,", "Compiled: false,"):
+        assert item in details
+    document = json.loads(chunks["fluxworker"])
+    assert document["model"] == "my-flux-finetune"
+    assert document["settings"] == {"fp8_storage": True, "compile": False}
+    assert parse_job(document["job"], config.limits).spec.seed == 3  # still a job to submit again
+
+    hub = job_parameters(job, 3, (64, 64), model="black-forest-labs/FLUX.1-schnell")
+    assert "Model: black-forest-labs/FLUX.1-schnell," in hub["parameters"] and "FP8" not in hub["parameters"]
+    assert "Model: FLUX.1-schnell," in job_parameters(job, 3, (64, 64))["parameters"]  # callers that pass nothing
 
 
 def test_info_on_an_image_without_parameters(tmp_path):
@@ -100,6 +127,28 @@ def test_status_prints_the_worker_the_queue_and_the_last_results(server):
     assert "st-1  done  /outputs/st-1.png" in result.stdout
     data = json.loads(run_cli("status", "--json", "--config", str(server.config_file)).stdout)
     assert data["worker"]["state"] == "idle" and data["queued"] == []
+
+
+def test_status_of_a_worker_never_started_and_of_one_that_died_mid_job(tmp_path, config_file):
+    never = run_cli("status", "--config", str(config_file))
+    assert never.returncode == 0, never.stderr
+    assert "worker: never started (no status file)" in never.stdout and "None" not in never.stdout
+    assert json.loads(run_cli("status", "--json", "--config", str(config_file)).stdout)["worker"] == {"alive": False}
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    inbox = Inbox(tmp_path / "inbox", tmp_path / "outputs")
+    inbox.ensure()
+    inbox.status_path.write_text(json.dumps({"state": "running", "pid": gone.pid, "ready": True,
+                                             "job": {"id": "lost", "type": "generate", "engine": "flux"}}))
+    dead = run_cli("status", "--config", str(config_file))
+    assert f"worker: running (process {gone.pid} is gone)" in dead.stdout and "running: lost" not in dead.stdout
+    worker = json.loads(run_cli("status", "--json", "--config", str(config_file)).stdout)["worker"]
+    assert worker["state"] == "running" and worker["alive"] is False
+
+    inbox.status_path.write_text(json.dumps({"state": "idle", "pid": os.getpid()}))
+    live = json.loads(run_cli("status", "--json", "--config", str(config_file)).stdout)["worker"]
+    assert live == {"state": "idle", "pid": os.getpid(), "alive": True}
 
 
 # -- retention ------------------------------------------------------------------------------------

@@ -153,6 +153,7 @@ class Worker:
                 self.engines = build_engines(self.config)
             self.engines.load()
             self.metrics.model_load_seconds = dict(self.engines.load_seconds)
+            self.metrics.sample_gpu()
             self.metrics.save()
             if self.stopping:
                 return EXIT_OK
@@ -327,7 +328,8 @@ class Worker:
         png = None
         try:
             if done.result is not None:
-                text = job_parameters(job, done.result.seed, done.result.image.size)
+                text = job_parameters(job, done.result.seed, done.result.image.size,
+                                      model=self.config.models.flux, performance=self.config.performance)
                 png = png_bytes(done.result.image, text, self.config.worker.png_compression)
                 self.inbox.write_output(job.output_name, png)
             self.inbox.finish(done.path, record)

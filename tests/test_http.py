@@ -5,6 +5,7 @@ import io
 import json
 import os
 import signal
+import socket
 import threading
 
 import pytest
@@ -125,6 +126,25 @@ def test_an_id_makes_a_post_idempotent(server):
     assert first == second
 
 
+def test_a_generate_id_may_not_take_the_upscale_output_prefix(server):
+    error = assert_error(post(server, "/generate", {"id": "upscale_cross-1", "prompt": "x"}), 400, "invalid_id", "id")
+    assert "upscale_" in error["message"]
+
+
+def test_null_fields_take_their_defaults(server):
+    """React forms send null for empty inputs: null is the same as leaving the field out."""
+    plain = post(server, "/generate", {"prompt": "nulls", "seed": 9, "width": 64, "height": 64})
+    nulls = post(server, "/generate", {
+        "prompt": "nulls", "seed": 9, "width": 64, "height": 64, "num_inference_steps": None, "strength": None,
+        "no_text": None, "performance_mode": None, "model": None, "wait": None, "type": None, "image": None,
+        "mask": None, "id": None})
+    assert nulls.status_code == 200, nulls.text
+    assert requests.get(server.url + nulls.json()["url"], timeout=30).content == requests.get(
+        server.url + plain.json()["url"], timeout=30).content
+    assert_error(post(server, "/generate", {"prompt": "x", "seed": -1}), 400, "out_of_range", "seed")
+    assert "null" in post(server, "/generate", {"prompt": "x", "seed": -1}).json()["error"]["message"]
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 
@@ -169,7 +189,92 @@ def test_unknown_paths_and_methods_are_json(server):
     assert_error(requests.get(server.url + "/nowhere", timeout=30), 404, "not_found")
     response = requests.put(server.url + "/generate", timeout=30)
     assert_error(response, 405, "method_not_allowed")
-    assert "POST" in response.headers["Allow"]
+    assert response.headers["Allow"] == "POST, OPTIONS"
+    response = requests.post(server.url + "/jobs/x", timeout=30)
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["Allow"] == "GET, HEAD, OPTIONS"
+    assert requests.head(server.url + "/jobs/idem-1", timeout=30).status_code == 200
+    options = requests.options(server.url + "/health", timeout=30)
+    assert options.status_code == 204 and options.headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+def raw_request(server, data: bytes, half_close: bool = False) -> tuple[int, dict, bytes]:
+    """Send bytes as they are (clients such as requests only send well-formed HTTP) and read the
+    answer: status, headers (lower-case names) and body. Bounded by the socket timeout."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        for _ in range(10_000):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", len(body)))
+    return int(lines[0].split()[1]), headers, body[:length]
+
+
+POST_HEAD = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("request_bytes, half_close, status, code", [
+    (POST_HEAD + b"Content-Length: -5\r\n\r\n{}", False, 400, "invalid_body"),
+    (POST_HEAD + b'Content-Length: 50\r\n\r\n{"prompt": "x", "wait": false}', True, 400, "invalid_body"),
+    (POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", False, 400, "invalid_body"),
+    (POST_HEAD + b"Content-Length: abc\r\n\r\n{}", False, 400, "invalid_body"),
+    (b"POST //generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+     False, 400, "bad_request"),
+    (b"GET /outputs/a%00.png HTTP/1.1\r\nHost: x\r\n\r\n", False, 404, "not_found"),
+    (b"GET /jobs/%ff HTTP/1.1\r\nHost: x\r\n\r\n", False, 404, "unknown_job"),
+    (b"GET /jobs/%ffidem-1 HTTP/1.1\r\nHost: x\r\n\r\n", False, 404, "unknown_job"),
+    (b"GET /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n", True, 404, "not_found"),
+])
+def test_malformed_requests_get_a_json_error_and_never_a_500(server, request_bytes, half_close, status, code):
+    answer_status, headers, body = raw_request(server, request_bytes, half_close)
+    assert answer_status == status, body
+    assert headers["content-type"] == "application/json"
+    assert headers["access-control-allow-origin"] == "*"
+    assert json.loads(body)["error"]["code"] == code
+    if status == 400:
+        assert headers["connection"] == "close"  # what is left of the body is not a request
+    assert "Traceback" not in server.log()
+    assert requests.get(server.url + "/health", timeout=30).status_code == 200
+
+
+def test_a_body_the_client_stops_sending_is_400(tmp_path, tiny_dir):
+    """The body read ends with the socket timeout (30 s on the real server): the same answer as a
+    short body, through the WSGI interface so the test does not wait for it."""
+    from wsgiref.util import setup_testing_defaults
+
+    from fluxworker.config import load_config
+    from fluxworker.http import Api
+
+    class Stalled(io.RawIOBase):
+        def read(self, size=-1):
+            raise TimeoutError("timed out")
+
+    api = Api(load_config(write_config(tmp_path, tiny_dir)))
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/generate", "CONTENT_TYPE": "application/json",
+               "CONTENT_LENGTH": "50"}
+    setup_testing_defaults(environ)
+    environ["wsgi.input"] = Stalled()
+    answer = {}
+    body = b"".join(api(environ, lambda status, headers, exc_info=None: answer.update(status=status,
+                                                                                    headers=dict(headers))))
+    assert answer["status"].startswith("400") and answer["headers"]["Connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "invalid_body"
+    assert not list((tmp_path / "inbox").glob("*.json"))
+
+
+def test_a_trailing_slash_routes_like_the_path_without_it(server):
+    assert requests.get(server.url + "/health/", timeout=30).json()["status"] == "ok"
+    response = post(server, "/generate/", {"prompt": "slash", "width": 64, "height": 64})
+    assert response.status_code == 200, response.text
+    assert requests.get(server.url + "/jobs/" + response.json()["id"] + "/", timeout=30).json()["status"] == "done"
 
 
 def raw_get(server, path):
@@ -289,7 +394,27 @@ def test_cors_preflight_and_headers_on_errors(server):
     assert response.status_code == 204
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert "POST" in response.headers["Access-Control-Allow-Methods"]
-    assert "Content-Type" in response.headers["Access-Control-Allow-Headers"]
+    assert "content-type" in response.headers["Access-Control-Allow-Headers"].lower()
+
+
+def test_a_preflight_allows_the_headers_the_page_asks_for(server):
+    response = requests.options(server.url + "/generate", headers={
+        "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,x-requested-with,authorization"}, timeout=30)
+    allowed = {name.strip() for name in response.headers["Access-Control-Allow-Headers"].split(",")}
+    assert allowed == {"content-type", "x-requested-with", "authorization"}
+    assert "Access-Control-Request-Headers" in response.headers["Vary"]
+    # Anything but a list of header names gets the default list.
+    odd = requests.options(server.url + "/generate", headers={
+        "Origin": "http://x", "Access-Control-Request-Headers": "a b; c"}, timeout=30)
+    assert odd.headers["Access-Control-Allow-Headers"] == "Content-Type, Authorization, X-API-Key"
+
+
+def test_scripts_on_other_origins_may_read_retry_after_location_and_www_authenticate(server):
+    for response in (requests.get(server.url + "/health", headers={"Origin": "http://x"}, timeout=30),
+                     requests.get(server.url + "/nowhere", headers={"Origin": "http://x"}, timeout=30)):
+        exposed = {name.strip() for name in response.headers["Access-Control-Expose-Headers"].split(",")}
+        assert exposed == {"Retry-After", "Location", "WWW-Authenticate"}
 
 
 # -- configurations of their own -----------------------------------------------------------------
@@ -305,6 +430,17 @@ def test_queue_limit_answers_503_with_retry_after(tmp_path, tiny_dir, server_fac
     assert int(response.headers["Retry-After"]) >= 1
     assert "2 jobs" in error["message"]
     assert requests.get(api.url + "/ready", timeout=30).status_code == 503
+
+
+def test_cors_origins_are_normalised_or_refused(tmp_path, tiny_dir):
+    from fluxworker.config import ConfigError, load_config
+
+    config = load_config(write_config(tmp_path, tiny_dir, http={"cors_origins": ["http://App.lan:5173/", "*"]}))
+    assert config.http.cors_origins == ["http://app.lan:5173", "*"]
+    for bad in ("http://app.lan:5173/app", "app.lan:5173", "http://app.lan?x=1", "ftp://app.lan"):
+        with pytest.raises(ConfigError) as caught:
+            load_config(write_config(tmp_path, tiny_dir, http={"cors_origins": [bad]}))
+        assert "http.cors_origins.0" in str(caught.value) and bad in str(caught.value)
 
 
 def test_a_job_that_outlasts_the_wait_gets_504_and_still_finishes(tmp_path, tiny_dir, server_factory,
@@ -354,7 +490,7 @@ def test_api_key_from_the_environment_and_a_systemd_credential(tmp_path, tiny_di
 
 
 def test_cors_origins_can_be_restricted(tmp_path, tiny_dir, server_factory):
-    config = write_config(tmp_path, tiny_dir, http={"cors_origins": ["http://app.lan:5173"]})
+    config = write_config(tmp_path, tiny_dir, http={"cors_origins": ["http://app.lan:5173/"]})
     api = server_factory(config, command="api")
     allowed = requests.get(api.url + "/health", headers={"Origin": "http://app.lan:5173"}, timeout=30)
     assert allowed.headers["Access-Control-Allow-Origin"] == "http://app.lan:5173"

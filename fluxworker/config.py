@@ -163,12 +163,18 @@ def _origin(value: str) -> str:
 class HttpConfig(_Section):
     host: str = Field("0.0.0.0", min_length=1, description="Address to listen on (0.0.0.0: the whole LAN).")
     port: int = Field(8000, ge=1, le=65535)
-    threads: int = Field(32, ge=4, le=1024, description="Request threads; waiting requests hold one each.")
-    max_queue: int = Field(16, ge=1, le=100_000, description="Queued jobs beyond which POSTs answer 503.")
+    threads: int = Field(
+        48, ge=4, le=1024,
+        description="Request threads; waiting requests hold one each, and 4 are kept for everything else.",
+    )
+    max_queue: int = Field(32, ge=1, le=100_000, description="Queued jobs beyond which POSTs answer 503.")
     retry_after_per_job: Annotated[float, Field(ge=0, le=3600)] = Field(
         2.0, description="Retry-After sent with 503: this many seconds per queued job (at least 1)."
     )
-    max_body_bytes: int = Field(50_000_000, ge=1024, le=2_000_000_000)
+    max_body_bytes: int = Field(
+        40_000_000, ge=1024, le=2_000_000_000,
+        description="Largest request body; the job it makes must also fit limits.max_job_bytes.",
+    )
     wait_timeout: Annotated[float, Field(gt=0, le=86_400)] = Field(
         300.0, description="How long a POST waits for its job before answering 504 (the job goes on)."
     )

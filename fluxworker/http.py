@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import threading
 from importlib import resources
 
 import bottle
@@ -22,8 +23,8 @@ from .config import Config
 from .cors import Cors
 from .credentials import read_secret
 from .errors import JobError
-from .inbox import Inbox
-from .jobs import is_valid_id, parse_job
+from .inbox import Inbox, read_json
+from .jobs import is_valid_id, parse_job, spec_json
 from .openapi import openapi_document
 from .replies import ApiError, json_response
 from .waiter import CompletionWaiter
@@ -40,6 +41,8 @@ _STATUS_OF_FAILURE = {
     "worker_crashed": 500,
 }
 _PUBLIC_PATHS = {"/health", "/", "/playground.js"}
+# Request threads kept free of waiting requests, for /health, /ready, status polls and new jobs.
+_THREADS_NOT_WAITING = 4
 
 
 class JsonBottle(bottle.Bottle):
@@ -85,6 +88,10 @@ class Api:
         self.cors = Cors(self.http.cors_origins)
         self.api_key = api_key
         self.closing = False
+        # Counting the queue and adding a job is one step; so is taking a place to wait.
+        self._submitting = threading.Lock()
+        self.waiting = 0
+        self.max_waiting = self.http.threads - _THREADS_NOT_WAITING
         self.app = self._routes()
 
     def start(self) -> None:
@@ -205,25 +212,41 @@ class Api:
             job = parse_job(body, self.config.limits)
         except JobError as exc:
             raise ApiError.from_job_error(exc) from None
+        size, limit = len(spec_json(job.spec)), self.config.limits.max_job_bytes
+        if size > limit:  # the worker would refuse the job file
+            raise ApiError(413, "too_large", f"the job would be {size} bytes, over the limit of {limit} bytes "
+                           "(limits.max_job_bytes)")
         if self.closing:
             raise ApiError(503, "shutting_down", "the service is stopping; try again shortly",
                            headers={"Retry-After": "5"})
         self._raise_if_blocked()
-        record = self.inbox.completion(job.id)
-        if record is None and self.inbox.presence(job.id) is None:
-            queued = len(self.inbox.scan())
-            if queued >= self.http.max_queue:
-                retry = max(1, round(queued * self.http.retry_after_per_job))
-                raise ApiError(503, "queue_full", f"{queued} jobs are waiting; try again later",
-                               headers={"Retry-After": str(retry)})
-            self.inbox.submit(job.spec)
+        with self._submitting:
+            record = self._existing_record(job.id, job.type)
+            must_wait = wait and record is None
+            if must_wait and self.waiting >= self.max_waiting:
+                raise ApiError(503, "too_many_waiting", f"{self.waiting} requests are already waiting for their "
+                               "jobs; try again later, or send \"wait\": false and follow the job at /jobs/<id>",
+                               headers={"Retry-After": "5"})
+            if record is None and self.inbox.presence(job.id) is None:
+                queued = len(self.inbox.scan())
+                if queued >= self.http.max_queue:
+                    retry = max(1, round(queued * self.http.retry_after_per_job))
+                    raise ApiError(503, "queue_full", f"{queued} jobs are waiting; try again later",
+                                   headers={"Retry-After": str(retry)})
+                self.inbox.submit(job.spec)
+            if must_wait:
+                self.waiting += 1
         status_url = f"/jobs/{job.id}"
         if not wait and record is None:
             return json_response(202, {"id": job.id, "status": "queued", "status_url": status_url},
                                  {"Location": status_url})
-        if record is None:
-            record = self.waiter.wait(job.id, self.http.wait_timeout,
-                                      until=lambda: self.closing or self._blocked() is not None)
+        if must_wait:
+            try:
+                record = self.waiter.wait(job.id, self.http.wait_timeout,
+                                          until=lambda: self.closing or self._blocked() is not None)
+            finally:
+                with self._submitting:
+                    self.waiting -= 1
         if record is None:
             self._raise_if_blocked({"id": job.id, "status_url": status_url})
             if self.closing:
@@ -232,6 +255,21 @@ class Api:
             raise ApiError(504, "timeout", f"the job did not finish within {self.http.wait_timeout:g}s; it goes on",
                            extra={"id": job.id, "status_url": status_url})
         return self._answer(record)
+
+    def _existing_record(self, job_id: str, job_type: str) -> dict | None:
+        """The job's completion record (``None`` while it has none); 409 when the id belongs to a
+        job of the other type, finished or queued."""
+        record = self.inbox.completion(job_id)
+        if record is not None:
+            existing = record.get("type")
+        else:
+            queued = read_json(self.inbox.root / f"{job_id}.json") or read_json(
+                self.inbox.processing / f"{job_id}.json")
+            existing = queued.get("type", "generate") if isinstance(queued, dict) else None
+        if existing is not None and existing != job_type:
+            raise ApiError(409, "id_in_use", f"id: {job_id!r} belongs to an {existing} job; a job id always "
+                           "answers with its own job: send this one under a new id", "id")
+        return record
 
     def _blocked(self) -> dict | None:
         """The worker's error when it cannot write its results (outputs/ full or read-only)."""
@@ -249,7 +287,10 @@ class Api:
         if record.get("status") == "done":
             body = {"url": record["url"], "id": record["id"]}
             if record.get("type") != "upscale":
-                body["seed"] = record.get("seed")
+                seed = record.get("seed")
+                # LaMa records from before it recorded a seed have none; LaMa does not use the
+                # seed, so any value reproduces the image, and the API promises an integer.
+                body["seed"] = seed if isinstance(seed, int) else 0
             return json_response(200, body)
         error = record.get("error") or {}
         status = _STATUS_OF_FAILURE.get(error.get("code"), 400)
@@ -303,6 +344,7 @@ class Api:
             "unavailable": status.get("unavailable", {}) if alive else {},
             "error": status.get("error") if alive else None,
             "queued": len(self.inbox.scan()),
+            "waiting": self.waiting,
         }
         return json_response(200 if body["ready"] else 503, body)
 

@@ -1,5 +1,6 @@
 """The HTTP API on a real server (cheroot) on a free 127.0.0.1 port, with the tiny models."""
 
+import base64
 import http.client
 import io
 import json
@@ -18,7 +19,8 @@ from conftest import ServerProcess, png_b64, wait_for, wait_record, write_config
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dir, lama_file):
     folder = tmp_path_factory.mktemp("api")
-    config = write_config(folder, tiny_dir, http={"max_body_bytes": 1_000_000, "threads": 40, "max_queue": 30},
+    # threads and max_queue keep their defaults: the twenty concurrent requests below need no tuning
+    config = write_config(folder, tiny_dir, http={"max_body_bytes": 1_000_000},
                           models={"esrgan": str(tiny_dir / "esrgan.pth"), "lama": str(lama_file)})
     server = ServerProcess(config).start()
     yield server
@@ -116,7 +118,19 @@ def test_lama_erase_through_the_api(server):
     mask = png_b64((40, 30), color=(0, 0, 0))
     response = post(server, "/generate", {"model": "lama", "image": image, "mask": mask})
     assert response.status_code == 200, response.text
+    assert isinstance(response.json()["seed"], int)
     assert fetch_image(server, response.json()["url"]).size == (40, 30)
+
+
+def test_a_generate_answer_always_has_an_integer_seed(server):
+    """A LaMa record written before LaMa recorded its seed has "seed": null; the answer still
+    carries an integer, as the API document and /openapi.json promise."""
+    record = {"id": "old-lama", "type": "generate", "status": "done", "url": "/outputs/old-lama.png",
+              "file": "old-lama.png", "seed": None, "model": "lama", "width": 40, "height": 30}
+    (server.folder / "outputs" / "old-lama.json").write_text(json.dumps(record))
+    response = post(server, "/generate", {"id": "old-lama", "model": "lama", "image": png_b64(), "mask": png_b64()})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"url": "/outputs/old-lama.png", "id": "old-lama", "seed": 0}
 
 
 def test_an_id_makes_a_post_idempotent(server):
@@ -124,6 +138,17 @@ def test_an_id_makes_a_post_idempotent(server):
     first = post(server, "/generate", body).json()
     second = post(server, "/generate", {**body, "seed": 1}).json()
     assert first == second
+
+
+def test_an_id_of_one_endpoint_is_refused_by_the_other(server):
+    upscaled = post(server, "/upscale", {"id": "cross-1", "image": png_b64((16, 16))})
+    assert upscaled.status_code == 200, upscaled.text
+    error = assert_error(post(server, "/generate", {"id": "cross-1", "prompt": "x"}), 409, "id_in_use", "id")
+    assert "upscale" in error["message"]
+    assert post(server, "/upscale", {"id": "cross-1", "image": png_b64((16, 16))}).json() == upscaled.json()
+    generated = post(server, "/generate", {"id": "cross-2", "prompt": "x", "width": 64, "height": 64})
+    assert generated.status_code == 200
+    assert_error(post(server, "/upscale", {"id": "cross-2", "image": png_b64()}), 409, "id_in_use", "id")
 
 
 def test_a_generate_id_may_not_take_the_upscale_output_prefix(server):
@@ -373,6 +398,10 @@ def test_health_ready_and_openapi(server):
 
 
 def test_twenty_concurrent_requests_all_complete(server):
+    """With the default threads and max_queue."""
+    import yaml
+
+    assert set(yaml.safe_load(server.config_file.read_text())["http"]) == {"host", "max_body_bytes"}
     results = [None] * 20
 
     def call(n):
@@ -430,6 +459,69 @@ def test_queue_limit_answers_503_with_retry_after(tmp_path, tiny_dir, server_fac
     assert int(response.headers["Retry-After"]) >= 1
     assert "2 jobs" in error["message"]
     assert requests.get(api.url + "/ready", timeout=30).status_code == 503
+
+
+def test_the_queue_limit_holds_under_concurrent_posts(tmp_path, tiny_dir, server_factory):
+    config = write_config(tmp_path, tiny_dir, http={"max_queue": 2, "threads": 24})
+    api = server_factory(config, command="api")  # no worker: jobs stay queued
+    start = threading.Barrier(12, timeout=60)
+    statuses = []
+
+    def call(n):
+        start.wait()
+        statuses.append(post(api, "/generate", {"prompt": f"race {n}", "wait": False}).status_code)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(statuses) == [202] * 2 + [503] * 10
+    assert len(list((tmp_path / "inbox").glob("*.json"))) == 2
+
+
+def test_waiting_requests_leave_threads_for_everything_else(tmp_path, tiny_dir, server_factory):
+    """Requests waiting on a job already queued do not count against the queue, yet each holds a
+    thread: at most threads - 4 wait, the next one gets 503, and /health still answers."""
+    config = write_config(tmp_path, tiny_dir, http={"max_queue": 2, "threads": 8, "wait_timeout": 60})
+    api = server_factory(config, command="api")  # no worker: the job stays queued
+    job = {"id": "held", "prompt": "x", "width": 64, "height": 64}
+    assert post(api, "/generate", {**job, "wait": False}).status_code == 202
+    answers = []
+    waiters = [threading.Thread(target=lambda: answers.append(post(api, "/generate", job))) for _ in range(4)]
+    for thread in waiters:
+        thread.start()
+    wait_for(lambda: requests.get(api.url + "/ready", timeout=30).json()["waiting"] == 4, timeout=60,
+             what="four waiting requests")
+    error = assert_error(post(api, "/generate", job, ), 503, "too_many_waiting")
+    assert "wait" in error["message"]
+    assert int(requests.post(api.url + "/generate", json=job, timeout=30).headers["Retry-After"]) >= 1
+    assert requests.get(api.url + "/health", timeout=30).status_code == 200
+    assert requests.get(api.url + "/jobs/held", timeout=30).json()["status"] == "queued"
+    # The job finishes: every waiting request gets its answer.
+    (tmp_path / "outputs" / "held.json").write_text(json.dumps(
+        {"id": "held", "type": "generate", "status": "done", "url": "/outputs/held.png", "seed": 3}))
+    for thread in waiters:
+        thread.join(timeout=60)
+    assert [answer.status_code for answer in answers] == [200] * 4
+    assert requests.get(api.url + "/ready", timeout=30).json()["waiting"] == 0
+
+
+def test_a_job_file_over_the_job_limit_is_413(tmp_path, tiny_dir, server_factory):
+    """The worker would refuse a job file over limits.max_job_bytes: the API answers 413 instead of
+    queueing it."""
+    from fluxworker.config import HttpConfig, LimitsConfig
+
+    assert HttpConfig().max_body_bytes <= LimitsConfig().max_job_bytes
+    config = write_config(tmp_path, tiny_dir, limits={"max_job_bytes": 4096})
+    api = server_factory(config, command="api")
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 80).convert("RGB").save(buffer, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    error = assert_error(post(api, "/generate", {"prompt": "x", "image": image, "wait": False}), 413, "too_large")
+    assert "limits.max_job_bytes" in error["message"]
+    assert not list((tmp_path / "inbox").glob("*.json"))
+    assert post(api, "/generate", {"prompt": "x", "wait": False}).status_code == 202
 
 
 def test_cors_origins_are_normalised_or_refused(tmp_path, tiny_dir):

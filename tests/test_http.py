@@ -49,6 +49,23 @@ def assert_error(response, status, code, field=None):
     return error
 
 
+def assert_documented(doc: dict, path: str, method: str, response) -> None:
+    """The answer is one /openapi.json describes: its status is listed, its JSON body matches the
+    schema, and the headers it marks required are there."""
+    import jsonschema_rs
+
+    answers = doc["paths"][path][method]["responses"]
+    assert str(response.status_code) in answers, (path, method, response.status_code, sorted(answers))
+    documented = answers[str(response.status_code)]
+    schema = documented.get("content", {}).get("application/json", {}).get("schema")
+    if schema is not None:
+        validator = jsonschema_rs.validator_for({**schema, "components": doc["components"]})
+        errors = [f"{list(e.instance_path)}: {e.message}" for e in validator.iter_errors(response.json())]
+        assert not errors, (path, method, response.status_code, errors, response.text)
+    for name, header in documented.get("headers", {}).items():
+        assert not header.get("required") or name in response.headers, (path, name, dict(response.headers))
+
+
 # -- the API document's own examples ------------------------------------------------------------
 
 
@@ -397,6 +414,41 @@ def test_health_ready_and_openapi(server):
     assert props["width"]["maximum"] == 1024
 
 
+def test_real_answers_match_the_openapi_document(server):
+    doc = requests.get(server.url + "/openapi.json", timeout=30).json()
+    generated = post(server, "/generate", {"prompt": "documented", "width": 64, "height": 64, "seed": None})
+    upscaled = post(server, "/upscale", {"image": png_b64((16, 16)), "type": "upscale"})
+    answers = [
+        ("/generate", "post", generated),
+        ("/generate", "post", post(server, "/generate", {"model": "lama", "image": png_b64(), "mask": png_b64()})),
+        ("/upscale", "post", upscaled),
+        ("/generate", "post", post(server, "/generate", {"prompt": "later", "width": 64, "height": 64,
+                                                         "wait": False})),
+        ("/generate", "post", post(server, "/generate", {"prompt": "x", "width": 100})),
+        ("/generate", "post", post(server, "/generate", {"id": upscaled.json()["id"], "prompt": "x"})),
+        ("/upscale", "post", post(server, "/upscale", {"image": None})),
+        ("/upscale", "post", requests.post(server.url + "/upscale", data="x", timeout=30)),
+        ("/generate", "post", post(server, "/generate", {"prompt": "x", "image": "A" * 1_200_000})),
+        ("/jobs", "get", requests.get(server.url + "/jobs?limit=3", timeout=30)),
+        ("/jobs", "get", requests.get(server.url + "/jobs?limit=0", timeout=30)),
+        ("/jobs/{id}", "get", requests.get(server.url + "/jobs/" + generated.json()["id"], timeout=30)),
+        ("/jobs/{id}", "get", requests.get(server.url + "/jobs/" + upscaled.json()["id"], timeout=30)),
+        ("/jobs/{id}", "get", requests.get(server.url + "/jobs/never-seen", timeout=30)),
+        ("/outputs/{name}", "get", requests.get(server.url + "/outputs/never-seen.png", timeout=30)),
+        ("/health", "get", requests.get(server.url + "/health", timeout=30)),
+        ("/ready", "get", requests.get(server.url + "/ready", timeout=30)),
+    ]
+    assert {response.status_code for _, _, response in answers} >= {200, 202, 400, 404, 409, 413, 415}
+    for path, method, response in answers:
+        assert_documented(doc, path, method, response)
+    request_schema = doc["components"]["schemas"]["GenerateRequest"]
+    assert request_schema["properties"]["type"]["enum"] == ["generate", None]
+    assert doc["components"]["schemas"]["UpscaleRequest"]["properties"]["image"]["type"] == "string"
+    assert request_schema["properties"]["prompt"]["anyOf"][0]["maxLength"] == 2000
+    for name in ("num_inference_steps", "strength", "width", "height", "no_text", "performance_mode", "model"):
+        assert "null" in request_schema["properties"][name]["type"], name
+
+
 def test_twenty_concurrent_requests_all_complete(server):
     """With the default threads and max_queue."""
     import yaml
@@ -458,7 +510,11 @@ def test_queue_limit_answers_503_with_retry_after(tmp_path, tiny_dir, server_fac
     response = post(api, "/generate", {"prompt": "one too many"})
     assert int(response.headers["Retry-After"]) >= 1
     assert "2 jobs" in error["message"]
-    assert requests.get(api.url + "/ready", timeout=30).status_code == 503
+    ready = requests.get(api.url + "/ready", timeout=30)
+    assert ready.status_code == 503
+    doc = requests.get(api.url + "/openapi.json", timeout=30).json()
+    assert_documented(doc, "/generate", "post", response)
+    assert_documented(doc, "/ready", "get", ready)
 
 
 def test_the_queue_limit_holds_under_concurrent_posts(tmp_path, tiny_dir, server_factory):
@@ -561,6 +617,10 @@ def test_api_key(tmp_path, tiny_dir, server_factory):
     assert post(api, "/generate", {"prompt": "x", "wait": False}).status_code == 401
     assert post(api, "/generate", {"prompt": "x", "wait": False},
                 headers={"X-API-Key": "s3cret-key"}).status_code == 202
+    doc = requests.get(api.url + "/openapi.json", headers={"X-API-Key": "s3cret-key"}, timeout=30).json()
+    for path in ("/openapi.json", "/jobs", "/ready", "/metrics"):
+        assert_documented(doc, path, "get", requests.get(api.url + path, timeout=30))
+    assert_documented(doc, "/generate", "post", post(api, "/generate", {"prompt": "x"}))
 
 
 def test_api_key_from_the_environment_and_a_systemd_credential(tmp_path, tiny_dir):

@@ -103,7 +103,7 @@ class Api:
         self.waiter.notify()
         self.waiter.close()
 
-    # -- WSGI: CORS, preflight, body limit and authentication around every request -----------
+    # -- WSGI: CORS, preflight, path and authentication around every request -----------------
 
     def __call__(self, environ, start_response):
         origin = environ.get("HTTP_ORIGIN")

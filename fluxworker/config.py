@@ -11,9 +11,19 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_NO_TEXT_SUFFIX = (
     "The image contains no text, no letters, no words, no captions, no signs, no watermark and no logo."
@@ -142,19 +152,39 @@ class WorkerConfig(_Section):
     )
 
 
+def _origin(value: str) -> str:
+    """A CORS origin as browsers send it: ``scheme://host[:port]``, lower case, no path."""
+    if value == "*":
+        return value
+    parts = urlsplit(value)
+    if (parts.scheme.lower() not in ("http", "https") or not parts.hostname or "@" in parts.netloc
+            or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValueError("an origin is scheme://host[:port] with nothing after it, "
+                         "e.g. http://192.168.1.20:5173 (or * for all)")
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
 class HttpConfig(_Section):
     host: str = Field("0.0.0.0", min_length=1, description="Address to listen on (0.0.0.0: the whole LAN).")
     port: int = Field(8000, ge=1, le=65535)
-    threads: int = Field(32, ge=4, le=1024, description="Request threads; waiting requests hold one each.")
-    max_queue: int = Field(16, ge=1, le=100_000, description="Queued jobs beyond which POSTs answer 503.")
+    threads: int = Field(
+        48, ge=4, le=1024,
+        description="Request threads; waiting requests hold one each, and 4 are kept for everything else.",
+    )
+    max_queue: int = Field(32, ge=1, le=100_000, description="Queued jobs beyond which POSTs answer 503.")
     retry_after_per_job: Annotated[float, Field(ge=0, le=3600)] = Field(
         2.0, description="Retry-After sent with 503: this many seconds per queued job (at least 1)."
     )
-    max_body_bytes: int = Field(50_000_000, ge=1024, le=2_000_000_000)
+    max_body_bytes: int = Field(
+        40_000_000, ge=1024, le=2_000_000_000,
+        description="Largest request body; the job it makes must also fit limits.max_job_bytes.",
+    )
     wait_timeout: Annotated[float, Field(gt=0, le=86_400)] = Field(
         300.0, description="How long a POST waits for its job before answering 504 (the job goes on)."
     )
-    cors_origins: list[str] = Field(["*"], min_length=1, description="Allowed origins; * allows all.")
+    cors_origins: list[Annotated[str, AfterValidator(_origin)]] = Field(
+        ["*"], min_length=1, description="Allowed origins (scheme://host[:port]); * allows all."
+    )
     api_key: str | None = Field(None, min_length=8, description="When set, requests need this key.")
 
     @model_validator(mode="after")

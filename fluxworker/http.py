@@ -12,22 +12,26 @@ import json
 import logging
 import os
 import re
+import threading
 from importlib import resources
 
 import bottle
 
 from . import __version__
+from .body import read_json_object
 from .config import Config
+from .cors import Cors
 from .credentials import read_secret
 from .errors import JobError
-from .inbox import Inbox
-from .jobs import is_valid_id, parse_job, parse_json
+from .inbox import Inbox, read_json
+from .jobs import is_valid_id, parse_job, spec_json
 from .openapi import openapi_document
+from .replies import ApiError, json_response
 from .waiter import CompletionWaiter
 
 log = logging.getLogger(__name__)
 
-_OUTPUT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}\.(png|json)$")
+_OUTPUT_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}\.(png|json)")
 _MIME = {"png": "image/png", "json": "application/json"}
 _STATUS_OF_FAILURE = {
     "engine_unavailable": 503,
@@ -37,31 +41,32 @@ _STATUS_OF_FAILURE = {
     "worker_crashed": 500,
 }
 _PUBLIC_PATHS = {"/health", "/", "/playground.js"}
-
-
-class ApiError(Exception):
-    """An answer other than 2xx, as JSON: ``{"error": {"code", "message", "field"}}``."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: dict | None = None, extra: dict | None = None):
-        super().__init__(message)
-        self.status, self.headers, self.extra = status, headers or {}, extra or {}
-        self.error = JobError(code, message, field)
-
-
-def _json_response(status: int, body: dict, headers: dict | None = None) -> bottle.HTTPResponse:
-    response = bottle.HTTPResponse(json.dumps(body), status=status, headers=headers or {})
-    response.content_type = "application/json"
-    return response
+# Request threads kept free of waiting requests, for /health, /ready, status polls and new jobs.
+_THREADS_NOT_WAITING = 4
 
 
 class JsonBottle(bottle.Bottle):
     """Bottle, with JSON error bodies instead of its HTML error pages."""
 
+    def allowed_methods(self, path: str) -> list[str]:
+        """The methods ``path`` answers, for ``Allow``: HEAD wherever GET is, OPTIONS everywhere."""
+        methods = []
+        for method in ("GET", "POST"):
+            try:
+                self.router.match({"REQUEST_METHOD": method, "PATH_INFO": path})
+            except bottle.HTTPError:
+                continue
+            methods.append(method)
+        if "GET" in methods:
+            methods.insert(1, "HEAD")
+        return methods + ["OPTIONS"] if methods else []
+
     def default_error_handler(self, res: bottle.HTTPError):
         if res.status_code >= 500:
             log.error("HTTP %s on %s %s: %s\n%s", res.status_code, bottle.request.method, bottle.request.path,
                       res.exception, res.traceback or "")
+        if res.status_code == 405:
+            bottle.response.set_header("Allow", ", ".join(self.allowed_methods(bottle.request.path)))
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 500: "internal_error"}
         messages = {404: "no such resource", 405: "method not allowed on this path",
                     500: "internal error: see the server's log"}
@@ -80,8 +85,13 @@ class Api:
         self.inbox = Inbox(config.paths.inbox, config.paths.outputs)
         self.inbox.ensure()
         self.waiter = CompletionWaiter(self.inbox)
+        self.cors = Cors(self.http.cors_origins)
         self.api_key = api_key
         self.closing = False
+        # Counting the queue and adding a job is one step; so is taking a place to wait.
+        self._submitting = threading.Lock()
+        self.waiting = 0
+        self.max_waiting = self.http.threads - _THREADS_NOT_WAITING
         self.app = self._routes()
 
     def start(self) -> None:
@@ -93,34 +103,41 @@ class Api:
         self.waiter.notify()
         self.waiter.close()
 
-    # -- WSGI: CORS, preflight, body limit and authentication around every request -----------
+    # -- WSGI: CORS, preflight, path and authentication around every request -----------------
 
     def __call__(self, environ, start_response):
         origin = environ.get("HTTP_ORIGIN")
-        cors = self._cors_headers(origin)
+        cors = self.cors.headers(origin)
 
         def start(status, headers, exc_info=None):
             return start_response(status, headers + cors, exc_info)
 
         try:
-            if environ["REQUEST_METHOD"] == "OPTIONS" and origin is not None:
-                return self._reply(start, 204, None, {
-                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                    "Access-Control-Allow-Headers": "Content-Type, Authorization, X-API-Key",
-                    "Access-Control-Max-Age": "600",
-                })
-            self._authenticate(environ)
+            path = _route_path(environ.get("PATH_INFO") or "/")
+            if environ["REQUEST_METHOD"] == "OPTIONS":
+                return self._options(start, environ, path)
+            self._authenticate(environ, path)
+            if path is None:
+                raw = environ.get("PATH_INFO", "")
+                if raw.startswith("/jobs/"):
+                    raise ApiError(404, "unknown_job", "no job with that id (it is not UTF-8)", "id")
+                raise ApiError(404, "not_found", "no such resource (the path is not UTF-8)")
         except ApiError as exc:
-            return self._reply(start, exc.status, {"error": exc.error.to_dict(), **exc.extra}, exc.headers)
+            return self._reply(start, exc.status, exc.body(), exc.headers)
+        environ["PATH_INFO"] = path.encode("utf-8").decode("latin-1")  # WSGI carries paths as latin-1
         return self.app(environ, start)
 
-    def _cors_headers(self, origin: str | None) -> list[tuple[str, str]]:
-        allowed = self.http.cors_origins
-        if "*" in allowed:
-            return [("Access-Control-Allow-Origin", "*")]
-        if origin in allowed:
-            return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
-        return [("Vary", "Origin")]
+    def _options(self, start, environ, path: str | None):
+        """A preflight (any path, as browsers send them before authenticating), or a plain OPTIONS
+        that asks what a path allows."""
+        allowed = self.app.allowed_methods(path) if path is not None else []
+        headers = {"Allow": ", ".join(allowed)} if allowed else {}
+        if environ.get("HTTP_ORIGIN") is not None:
+            return self._reply(start, 204, None, {**headers, **self.cors.preflight(
+                environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"))})
+        if not allowed:
+            raise ApiError(404, "not_found", "no such resource")
+        return self._reply(start, 204, None, headers)
 
     @staticmethod
     def _reply(start, status: int, body: dict | None, headers: dict | None = None):
@@ -132,8 +149,8 @@ class Api:
         start(f"{status} {bottle.HTTP_CODES.get(status, '')}".strip(), head)
         return [data]
 
-    def _authenticate(self, environ) -> None:
-        if not self.api_key or environ.get("PATH_INFO") in _PUBLIC_PATHS:
+    def _authenticate(self, environ, path: str | None) -> None:
+        if not self.api_key or path in _PUBLIC_PATHS:
             return
         given = environ.get("HTTP_X_API_KEY")
         auth = environ.get("HTTP_AUTHORIZATION", "")
@@ -153,7 +170,7 @@ class Api:
                 try:
                     return method(*args, **kwargs)
                 except ApiError as exc:
-                    return _json_response(exc.status, {"error": exc.error.to_dict(), **exc.extra}, exc.headers)
+                    return exc.response()
             return wrapper
 
         app.route("/generate", "POST", handle(self.generate))
@@ -170,69 +187,66 @@ class Api:
         return app
 
     def generate(self):
-        body = self._json_body()
-        if body.get("type", "generate") != "generate":
-            raise ApiError(400, "unexpected_field", "type: POST /generate makes generate jobs", "type")
-        body["type"] = "generate"
-        return self._submit(body)
+        return self._submit(self._job_body("generate"))
 
     def upscale(self):
-        body = self._json_body()
-        if body.get("type", "upscale") != "upscale":
-            raise ApiError(400, "unexpected_field", "type: POST /upscale makes upscale jobs", "type")
-        body["type"] = "upscale"
-        return self._submit(body)
+        return self._submit(self._job_body("upscale"))
 
-    def _json_body(self) -> dict:
-        """The request's JSON object, within the size limit, or a 413/415/400 answer."""
-        request = bottle.request
-        ctype = (request.content_type or "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
-        limit = self.http.max_body_bytes
-        if request.content_length > limit:
-            raise ApiError(413, "too_large", f"the body is larger than the limit of {limit} bytes")
-        raw = request.environ["wsgi.input"].read(request.content_length if request.content_length >= 0 else limit + 1)
-        if len(raw) > limit:
-            raise ApiError(413, "too_large", f"the body is larger than the limit of {limit} bytes")
-        try:
-            data = parse_json(raw, limit)
-        except JobError as exc:
-            raise ApiError(400, exc.code, exc.message, exc.field) from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "invalid_job", "the body must be a JSON object")
-        return data
+    def _job_body(self, job_type: str) -> dict:
+        body = read_json_object(bottle.request.environ, self.http.max_body_bytes)
+        if body.get("type") not in (None, job_type):
+            raise ApiError(400, "unexpected_field", f"type: POST /{job_type} makes {job_type} jobs", "type")
+        body["type"] = job_type
+        return body
 
     def _submit(self, body: dict):
-        wait = body.pop("wait", True)
-        if not isinstance(wait, bool):
-            raise ApiError(400, "invalid_type", "wait: must be true or false", "wait")
+        wait = body.pop("wait", None)
+        if wait is None:
+            wait = True
+        elif not isinstance(wait, bool):
+            raise ApiError(400, "invalid_type", "wait: must be true, false or null", "wait")
         if "transport" in body:
             raise ApiError(400, "unknown_field", "transport: unknown field", "transport")
         body["transport"] = "http"
         try:
             job = parse_job(body, self.config.limits)
         except JobError as exc:
-            raise ApiError(400, exc.code, exc.message, exc.field) from None
+            raise ApiError.from_job_error(exc) from None
+        size, limit = len(spec_json(job.spec)), self.config.limits.max_job_bytes
+        if size > limit:  # the worker would refuse the job file
+            raise ApiError(413, "too_large", f"the job would be {size} bytes, over the limit of {limit} bytes "
+                           "(limits.max_job_bytes)")
         if self.closing:
             raise ApiError(503, "shutting_down", "the service is stopping; try again shortly",
                            headers={"Retry-After": "5"})
         self._raise_if_blocked()
-        record = self.inbox.completion(job.id)
-        if record is None and self.inbox.presence(job.id) is None:
-            queued = len(self.inbox.scan())
-            if queued >= self.http.max_queue:
-                retry = max(1, round(queued * self.http.retry_after_per_job))
-                raise ApiError(503, "queue_full", f"{queued} jobs are waiting; try again later",
-                               headers={"Retry-After": str(retry)})
-            self.inbox.submit(job.spec)
+        with self._submitting:
+            record = self._existing_record(job.id, job.type)
+            must_wait = wait and record is None
+            if must_wait and self.waiting >= self.max_waiting:
+                raise ApiError(503, "too_many_waiting", f"{self.waiting} requests are already waiting for their "
+                               "jobs; try again later, or send \"wait\": false and follow the job at /jobs/<id>",
+                               headers={"Retry-After": "5"})
+            if record is None and self.inbox.presence(job.id) is None:
+                queued = len(self.inbox.scan())
+                if queued >= self.http.max_queue:
+                    retry = max(1, round(queued * self.http.retry_after_per_job))
+                    raise ApiError(503, "queue_full", f"{queued} jobs are waiting; try again later",
+                                   headers={"Retry-After": str(retry)})
+                self.inbox.submit(job.spec)
+            if must_wait:
+                self.waiting += 1
         status_url = f"/jobs/{job.id}"
         if not wait and record is None:
-            return _json_response(202, {"id": job.id, "status": "queued", "status_url": status_url},
-                                  {"Location": status_url})
-        if record is None:
-            record = self.waiter.wait(job.id, self.http.wait_timeout,
-                                      until=lambda: self.closing or self._blocked() is not None)
+            return json_response(202, {"id": job.id, "status": "queued", "status_url": status_url},
+                                 {"Location": status_url})
+        if must_wait:
+            try:
+                record = self.waiter.wait(job.id, self.http.wait_timeout,
+                                          until=lambda: self.closing or self._blocked() is not None)
+            finally:
+                with self._submitting:
+                    self.waiting -= 1
         if record is None:
             self._raise_if_blocked({"id": job.id, "status_url": status_url})
             if self.closing:
@@ -241,6 +255,21 @@ class Api:
             raise ApiError(504, "timeout", f"the job did not finish within {self.http.wait_timeout:g}s; it goes on",
                            extra={"id": job.id, "status_url": status_url})
         return self._answer(record)
+
+    def _existing_record(self, job_id: str, job_type: str) -> dict | None:
+        """The job's completion record (``None`` while it has none); 409 when the id belongs to a
+        job of the other type, finished or queued."""
+        record = self.inbox.completion(job_id)
+        if record is not None:
+            existing = record.get("type")
+        else:
+            queued = read_json(self.inbox.root / f"{job_id}.json") or read_json(
+                self.inbox.processing / f"{job_id}.json")
+            existing = queued.get("type", "generate") if isinstance(queued, dict) else None
+        if existing is not None and existing != job_type:
+            raise ApiError(409, "id_in_use", f"id: {job_id!r} belongs to an {existing} job; a job id always "
+                           "answers with its own job: send this one under a new id", "id")
+        return record
 
     def _blocked(self) -> dict | None:
         """The worker's error when it cannot write its results (outputs/ full or read-only)."""
@@ -253,21 +282,25 @@ class Api:
             raise ApiError(503, error.get("code", "outputs_unwritable"), error.get("message", "outputs blocked"),
                            headers={"Retry-After": "30"}, extra=extra)
 
-    def _answer(self, record: dict):
+    @staticmethod
+    def _answer(record: dict):
         if record.get("status") == "done":
             body = {"url": record["url"], "id": record["id"]}
             if record.get("type") != "upscale":
-                body["seed"] = record.get("seed")
-            return _json_response(200, body)
+                seed = record.get("seed")
+                # LaMa records from before it recorded a seed have none; LaMa does not use the
+                # seed, so any value reproduces the image, and the API promises an integer.
+                body["seed"] = seed if isinstance(seed, int) else 0
+            return json_response(200, body)
         error = record.get("error") or {}
         status = _STATUS_OF_FAILURE.get(error.get("code"), 400)
-        return _json_response(status, {"error": error, "id": record.get("id")})
+        return json_response(status, {"error": error, "id": record.get("id")})
 
     def job_state(self, job_id: str):
         state = self.inbox.state_of(job_id) if is_valid_id(job_id) else None
         if state is None:
             raise ApiError(404, "unknown_job", f"no job with id {job_id!r}", "id")
-        return _json_response(200, state)
+        return json_response(200, state)
 
     def list_jobs(self):
         """Recent completion records, newest first: ``?limit=N`` (1..100, default 20) and
@@ -282,13 +315,15 @@ class Api:
         status = query.get("status")
         if status not in (None, "done", "failed"):
             raise ApiError(400, "invalid_choice", "status: must be done or failed", "status")
-        return _json_response(200, {"jobs": self.inbox.recent(limit, status)})
+        return json_response(200, {"jobs": self.inbox.recent(limit, status)})
 
     def output(self, name: str):
-        match = _OUTPUT_NAME.match(name)
+        match = _OUTPUT_NAME.fullmatch(name)
+        if not match:  # checked first: realpath refuses some names (a NUL byte) with an exception
+            raise ApiError(404, "not_found", f"no output named {name!r}", "name")
         root = os.path.realpath(self.inbox.outputs)
         path = os.path.realpath(os.path.join(root, name))
-        if not match or os.path.dirname(path) != root or not os.path.isfile(path):
+        if os.path.dirname(path) != root or not os.path.isfile(path):
             raise ApiError(404, "not_found", f"no output named {name!r}", "name")
         return bottle.static_file(
             os.path.basename(path), root=root, mimetype=_MIME[match.group(1)],
@@ -296,7 +331,7 @@ class Api:
         )
 
     def health(self):
-        return _json_response(200, {"status": "ok", "version": __version__})
+        return json_response(200, {"status": "ok", "version": __version__})
 
     def ready(self):
         status = self.inbox.read_status() or {}
@@ -309,8 +344,9 @@ class Api:
             "unavailable": status.get("unavailable", {}) if alive else {},
             "error": status.get("error") if alive else None,
             "queued": len(self.inbox.scan()),
+            "waiting": self.waiting,
         }
-        return _json_response(200 if body["ready"] else 503, body)
+        return json_response(200 if body["ready"] else 503, body)
 
     def metrics(self):
         from .metrics import render
@@ -319,7 +355,7 @@ class Api:
             "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def openapi(self):
-        return _json_response(200, openapi_document(self.config))
+        return json_response(200, openapi_document(self.config))
 
     def playground(self):
         return self._static("playground.html", "text/html; charset=utf-8")
@@ -331,6 +367,15 @@ class Api:
     def _static(name: str, mimetype: str):
         data = resources.files("fluxworker.static").joinpath(name).read_bytes()
         return bottle.HTTPResponse(data, headers={"Content-Type": mimetype, "Cache-Control": "no-cache"})
+
+
+def _route_path(raw: str) -> str | None:
+    """The path to route: decoded as UTF-8 (``None`` when it is not), without a trailing slash."""
+    try:
+        path = raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return None
+    return path.rstrip("/") or "/"
 
 
 def _pid_alive(pid: int) -> bool:

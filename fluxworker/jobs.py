@@ -15,14 +15,16 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import LimitsConfig
 from .errors import JobError
 from .images import decode_base64_image
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-_ID_RE = re.compile(ID_PATTERN)
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # used with fullmatch: "$" would let a trailing newline in
+# Upscale outputs are named upscale_<id>.png: a generate job with such an id would share its image file.
+RESERVED_ID_PREFIX = "upscale_"
 SEED_MAX = 2**32 - 1
 GENERATE_ONLY = (
     "prompt", "num_inference_steps", "width", "height", "seed", "no_text",
@@ -51,6 +53,14 @@ class JobSpec(BaseModel):
     transport: Literal["inbox", "http", "mqtt"] = Field(
         "inbox", description="How the job arrived; the HTTP and MQTT transports set it themselves."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """A field sent as null takes its default, as if it were left out (web forms send null)."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
+        return data
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,7 @@ def new_job_id() -> str:
 
 
 def is_valid_id(value: Any) -> bool:
-    return isinstance(value, str) and bool(_ID_RE.match(value))
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
 def draw_seed() -> int:
@@ -117,6 +127,8 @@ def _from_validation_error(exc: ValidationError) -> JobError:
     message = item["msg"]
     if item["type"] == "extra_forbidden":
         message = "unknown field"
+    elif field == "seed" and code == "out_of_range":
+        message = f"must be from 0 to {SEED_MAX}; send null (or leave it out) for a random seed"
     return JobError(code, f"{field}: {message}" if field else message, field)
 
 
@@ -141,6 +153,7 @@ def validate_spec(data: Any, limits: LimitsConfig) -> JobSpec:
         raise _from_validation_error(exc) from None
 
     given = spec.model_fields_set
+    _check_id(spec.id, spec.type)
     if spec.type == "upscale":
         for name in GENERATE_ONLY:
             if name in given:
@@ -173,6 +186,12 @@ def validate_spec(data: Any, limits: LimitsConfig) -> JobSpec:
     return spec
 
 
+def _check_id(job_id: str | None, job_type: str) -> None:
+    if job_type == "generate" and job_id is not None and job_id.startswith(RESERVED_ID_PREFIX):
+        raise JobError("invalid_id", f"id: {job_id!r} starts with {RESERVED_ID_PREFIX!r}, which is reserved: "
+                       f"upscale jobs write their image as {RESERVED_ID_PREFIX}<id>.png", "id")
+
+
 def parse_job(data: Any, limits: LimitsConfig, default_id: str | None = None) -> Job:
     """Validate a job object and decode its images.
 
@@ -181,6 +200,7 @@ def parse_job(data: Any, limits: LimitsConfig, default_id: str | None = None) ->
     spec = validate_spec(data, limits)
     if spec.id is None:
         spec = spec.model_copy(update={"id": default_id if is_valid_id(default_id) else new_job_id()})
+        _check_id(spec.id, spec.type)
     image = mask = None
     if spec.image is not None:
         image = decode_base64_image(spec.image, "image", limits.max_image_bytes, limits.max_image_pixels)

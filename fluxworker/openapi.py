@@ -6,51 +6,137 @@ import copy
 
 from . import __version__
 from .config import Config
-from .jobs import JobSpec
+from .jobs import RESERVED_ID_PREFIX, JobSpec
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again (queue_full, too_many_waiting, "
+                                               "shutting_down, outputs_unwritable).",
+                                "schema": {"type": "integer", "minimum": 1}}}
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
+_LOCATION = {"Location": {"required": True, "description": "Where the job is followed: /jobs/{id}.",
+                          "schema": {"type": "string"}}}
 
 
-def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+def _error(description: str, headers: dict | None = None) -> dict:
+    answer = {"description": description,
+              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
 
 
-def _json(description: str, ref: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+def _json(description: str, ref: str, headers: dict | None = None) -> dict:
+    answer = {"description": description,
+              "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _or_null(prop: dict) -> dict:
+    """Null stands for "left out" on every field (it takes the default)."""
+    if any(option.get("type") == "null" for option in prop.get("anyOf", [])):
+        return prop
+    prop["type"] = [prop["type"], "null"]
+    if "enum" in prop:
+        prop["enum"] = [*prop["enum"], None]
+    return prop
 
 
 def _request_schemas(config: Config) -> tuple[dict, dict]:
     job = JobSpec.model_json_schema()
-    props = copy.deepcopy(job["properties"])
-    props.pop("type")
+    props = {name: _or_null(prop) for name, prop in copy.deepcopy(job["properties"]).items()}
     props.pop("transport")
     props["width"]["maximum"] = config.limits.max_width
     props["height"]["maximum"] = config.limits.max_height
-    props["prompt"]["description"] += " Required unless model is lama."
-    wait = {"type": "boolean", "default": True,
+    prompt = props["prompt"]
+    prompt["description"] += " Required unless model is lama."
+    prompt["anyOf"][0].update(minLength=1, maxLength=config.limits.max_prompt_length, pattern=r"\S")
+    upscale_id = copy.deepcopy(props["id"])
+    props["id"]["anyOf"][0]["not"] = {"pattern": f"^{RESERVED_ID_PREFIX}"}
+    props["id"]["description"] += f" Generate jobs may not use ids that start with {RESERVED_ID_PREFIX}."
+    wait = {"type": ["boolean", "null"], "default": True,
             "description": "false: answer 202 with the job id at once and follow it at /jobs/{id}."}
-    generate = {"type": "object", "additionalProperties": False, "properties": {**props, "wait": wait}}
+
+    def job_type(value: str) -> dict:
+        return {"enum": [value, None], "default": value, "description": f"Always {value} here; may be left out."}
+
+    generate = {"type": "object", "additionalProperties": False,
+                "description": "Every field but prompt may be null, which means the same as leaving it out.",
+                "properties": {**props, "type": job_type("generate"), "wait": wait}}
     upscale = {
         "type": "object", "additionalProperties": False, "required": ["image"],
-        "properties": {"id": props["id"], "image": props["image"], "wait": wait},
+        "properties": {"id": upscale_id, "type": job_type("upscale"),
+                       "image": {"type": "string", "description": props["image"]["description"]}, "wait": wait},
     }
     return generate, upscale
 
 
-def openapi_document(config: Config) -> dict:
+def _schemas(config: Config) -> dict:
     generate, upscale = _request_schemas(config)
+    return {
+        "GenerateRequest": generate,
+        "UpscaleRequest": upscale,
+        "GenerateResponse": {"type": "object", "required": ["url", "seed", "id"], "properties": {
+            "url": {"type": "string", "example": "/outputs/a1b2c3d4.png"},
+            "seed": {"type": "integer", "description": "The seed the image was made with."},
+            "id": {"type": "string"}}},
+        "UpscaleResponse": {"type": "object", "required": ["url", "id"], "properties": {
+            "url": {"type": "string", "example": "/outputs/upscale_x1y2z3.png"}, "id": {"type": "string"}}},
+        "Accepted": {"type": "object", "required": ["id", "status", "status_url"], "properties": {
+            "id": {"type": "string"}, "status": {"const": "queued"}, "status_url": {"type": "string"}}},
+        "JobState": {"type": "object", "required": ["id", "status"], "properties": {
+            "id": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
+            "position": {"type": "integer"}, "step": {"type": "integer"},
+            "total": {"type": ["integer", "null"]}, "url": {"type": "string"},
+            "seed": {"type": ["integer", "null"], "description": "null for upscale jobs."},
+            "error": {"$ref": "#/components/schemas/ErrorBody"}}},
+        "JobList": {"type": "object", "required": ["jobs"], "properties": {
+            "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobState"}}}},
+        "Health": {"type": "object", "required": ["status", "version"], "properties": {
+            "status": {"const": "ok"}, "version": {"type": "string"}}},
+        "Readiness": {"type": "object", "required": ["ready", "worker", "engines", "unavailable", "error", "queued",
+                                                     "waiting"], "properties": {
+            "ready": {"type": "boolean"},
+            "worker": {"type": ["string", "null"], "description": "The worker's state, or down."},
+            "engines": {"type": "array", "items": {"type": "string"}},
+            "unavailable": {"type": "object", "additionalProperties": {"type": "string"},
+                            "description": "Engines that cannot run jobs, and why."},
+            "error": {"anyOf": [{"$ref": "#/components/schemas/ErrorBody"}, {"type": "null"}]},
+            "queued": {"type": "integer", "description": "Jobs in the queue."},
+            "waiting": {"type": "integer", "description": "Requests waiting for their jobs."}}},
+        "ErrorBody": {"type": "object", "required": ["code", "message", "field"], "properties": {
+            "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": ["string", "null"]}}},
+        "Error": {"type": "object", "required": ["error"], "properties": {
+            "error": {"$ref": "#/components/schemas/ErrorBody"},
+            "id": {"type": ["string", "null"], "description": "The job's id, when the job exists (it stays queued "
+                                                              "after 503 shutting_down and 504)."},
+            "status_url": {"type": "string"}}},
+    }
+
+
+def openapi_document(config: Config) -> dict:
+    unauthorized = _error("Missing or wrong API key (only when a key is configured).", _WWW_AUTHENTICATE)
     common = {
-        "400": _error("Invalid input: the error names the field."),
-        "401": _error("Missing or wrong API key (only when a key is configured)."),
-        "413": _error("Body over the size limit."),
+        "400": _error("Invalid input (the error names the field), malformed JSON, or a body that cannot be read."),
+        "401": unauthorized,
+        "409": _error("id_in_use: the id belongs to a job of the other type."),
+        "413": _error("Body over http.max_body_bytes, or a job over limits.max_job_bytes."),
         "415": _error("Body is not application/json."),
-        "503": _error("Queue full (with Retry-After), engine unavailable, or the service is stopping."),
+        "503": _error("Queue full, too many waiting requests, engine unavailable, outputs unwritable, or the "
+                      "service is stopping.", _RETRY_AFTER),
         "504": _error("The job outlasted the wait; it goes on and its result lands in /outputs."),
     }
-    post = lambda summary, schema_ref, ok: {  # noqa: E731
-        "summary": summary,
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": schema_ref}}}},
-        "responses": {"200": _json("The job is done.", ok), "202": _json("Queued (wait: false).", "Accepted"),
-                      **common, "500": _error("A bug: logged by the server.")},
-    }
+
+    def post(summary: str, schema_ref: str, ok: str) -> dict:
+        return {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": schema_ref}}}},
+            "responses": {"200": _json("The job is done.", ok),
+                          "202": _json("Queued (wait: false).", "Accepted", _LOCATION),
+                          **common, "500": _error("A bug: logged by the server.")},
+        }
+
     return {
         "openapi": "3.1.0",
         "info": {"title": "fluxworker", "version": __version__,
@@ -66,56 +152,37 @@ def openapi_document(config: Config) -> dict:
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
                     {"name": "status", "in": "query", "schema": {"type": "string", "enum": ["done", "failed"]}},
                 ],
-                "responses": {"200": _json("Records.", "JobList"), "400": _error("Bad query."),
-                              "401": common["401"]},
+                "responses": {"200": _json("Records.", "JobList"), "400": _error("Bad query."), "401": unauthorized},
             }},
             "/jobs/{id}": {"get": {
                 "summary": "Where a job stands: queued (position), running (step/total), done or failed",
                 "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": _json("The job's state.", "JobState"), "404": _error("Unknown job id."),
-                              "401": common["401"]},
+                              "401": unauthorized},
             }},
             "/outputs/{name}": {"get": {
                 "summary": "An output image (PNG) or completion record (JSON)",
                 "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "The file.", "content": {"image/png": {}, "application/json": {}}},
-                              "404": _error("No such output."), "401": common["401"]},
+                              "404": _error("No such output."), "401": unauthorized},
             }},
             "/health": {"get": {"summary": "The API process is alive", "security": [],
-                                "responses": {"200": {"description": "Alive."}}}},
+                                "responses": {"200": _json("Alive.", "Health")}}},
             "/ready": {"get": {"summary": "The worker is running with its models loaded",
-                               "responses": {"200": {"description": "Ready."}, "503": {"description": "Not ready."},
-                                             "401": common["401"]}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI."}}}},
+                               "responses": {"200": _json("Ready.", "Readiness"),
+                                             "503": _json("Not ready: the same body says why.", "Readiness"),
+                                             "401": unauthorized}}},
+            "/openapi.json": {"get": {"summary": "This document",
+                                      "responses": {"200": {"description": "OpenAPI.",
+                                                            "content": {"application/json": {}}},
+                                                    "401": unauthorized}}},
             "/metrics": {"get": {"summary": "Prometheus metrics: jobs, durations, queue, GPU memory",
                                  "responses": {"200": {"description": "Text exposition format.",
                                                        "content": {"text/plain": {}}},
-                                               "401": common["401"]}}},
+                                               "401": unauthorized}}},
         },
         "components": {
-            "schemas": {
-                "GenerateRequest": generate,
-                "UpscaleRequest": upscale,
-                "GenerateResponse": {"type": "object", "required": ["url", "seed"], "properties": {
-                    "url": {"type": "string", "example": "/outputs/a1b2c3d4.png"},
-                    "seed": {"type": "integer"}, "id": {"type": "string"}}},
-                "UpscaleResponse": {"type": "object", "required": ["url"], "properties": {
-                    "url": {"type": "string", "example": "/outputs/upscale_x1y2z3.png"}, "id": {"type": "string"}}},
-                "Accepted": {"type": "object", "required": ["id", "status", "status_url"], "properties": {
-                    "id": {"type": "string"}, "status": {"const": "queued"}, "status_url": {"type": "string"}}},
-                "JobState": {"type": "object", "required": ["id", "status"], "properties": {
-                    "id": {"type": "string"},
-                    "status": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
-                    "position": {"type": "integer"}, "step": {"type": "integer"},
-                    "total": {"type": ["integer", "null"]}, "url": {"type": "string"},
-                    "seed": {"type": ["integer", "null"]}, "error": {"$ref": "#/components/schemas/ErrorBody"}}},
-                "JobList": {"type": "object", "properties": {
-                    "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobState"}}}},
-                "ErrorBody": {"type": "object", "required": ["code", "message", "field"], "properties": {
-                    "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": ["string", "null"]}}},
-                "Error": {"type": "object", "required": ["error"], "properties": {
-                    "error": {"$ref": "#/components/schemas/ErrorBody"}}},
-            },
+            "schemas": _schemas(config),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},

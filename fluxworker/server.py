@@ -9,11 +9,13 @@ job id (the jobs stay queued).
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import signal
 import sys
 import threading
 
+from cheroot import server as cheroot_server
 from cheroot import wsgi
 
 from .config import Config
@@ -46,6 +48,52 @@ def give_back_freed_memory() -> None:
     mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
 
 
+_CODE_OF_STATUS = {
+    400: "bad_request", 405: "method_not_allowed", 408: "request_timeout", 413: "too_large",
+    414: "uri_too_long", 500: "internal_error", 501: "not_implemented", 503: "unavailable",
+    505: "http_version_not_supported",
+}
+
+
+class _JsonErrorRequest(cheroot_server.HTTPRequest):
+    """cheroot answers the requests it cannot parse (a bad request line, a malformed header) by
+    itself, in plain text: here in JSON with the CORS headers, like every other answer."""
+
+    def simple_response(self, status, msg=""):
+        status = str(status)
+        code = int(status[:3])
+        if code in (413, 414) and self.response_protocol != "HTTP/1.1":
+            status, code = "400 Bad Request", 400  # HTTP/1.0 has neither
+        message = (msg.decode("latin-1") if isinstance(msg, bytes) else msg) or status[4:]
+        error_code = _CODE_OF_STATUS.get(code, "http_error")
+        if "Content-Length" in message:
+            error_code = "invalid_body"
+        origin = self.inheaders.get(b"Origin")
+        cors = getattr(self.server.wsgi_app, "cors", None)
+        headers = cors.headers(origin.decode("latin-1") if origin else None) if cors is not None else []
+        body = json.dumps({"error": {"code": error_code, "message": message, "field": None}}).encode()
+        head = [f"{self.server.protocol} {status}", f"Content-Length: {len(body)}", "Content-Type: application/json",
+                *(f"{name}: {value}" for name, value in headers), "Connection: close"]
+        # Every caller of simple_response ends the connection after it.
+        self.close_connection = True
+        try:
+            self.conn.wfile.write("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + body)
+        except OSError as exc:
+            if exc.args[0] not in cheroot_server.errors.socket_errors_to_ignore:
+                raise
+
+    def send_headers(self):
+        # An answer that says "Connection: close" (a body that could not be read) must close it:
+        # what is left of that body would otherwise be read as the next request.
+        if any(name.lower() == b"connection" and value.lower() == b"close" for name, value in self.outheaders):
+            self.close_connection = True
+        super().send_headers()
+
+
+class _JsonErrorConnection(cheroot_server.HTTPConnection):
+    RequestHandlerClass = _JsonErrorRequest
+
+
 class ApiServer:
     """The API on its own thread, started and stopped by the caller."""
 
@@ -57,6 +105,7 @@ class ApiServer:
             (config.http.host, self.port), self.api, numthreads=config.http.threads,
             server_name="fluxworker", timeout=30, shutdown_timeout=5, accepted_queue_timeout=5,
         )
+        self.server.ConnectionClass = _JsonErrorConnection
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:

@@ -1,10 +1,12 @@
 """The HTTP API on a real server (cheroot) on a free 127.0.0.1 port, with the tiny models."""
 
+import base64
 import http.client
 import io
 import json
 import os
 import signal
+import socket
 import threading
 
 import pytest
@@ -17,7 +19,8 @@ from conftest import ServerProcess, png_b64, wait_for, wait_record, write_config
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dir, lama_file):
     folder = tmp_path_factory.mktemp("api")
-    config = write_config(folder, tiny_dir, http={"max_body_bytes": 1_000_000, "threads": 40, "max_queue": 30},
+    # threads and max_queue keep their defaults: the twenty concurrent requests below need no tuning
+    config = write_config(folder, tiny_dir, http={"max_body_bytes": 1_000_000},
                           models={"esrgan": str(tiny_dir / "esrgan.pth"), "lama": str(lama_file)})
     server = ServerProcess(config).start()
     yield server
@@ -44,6 +47,23 @@ def assert_error(response, status, code, field=None):
     assert error["field"] == field
     assert error["message"]
     return error
+
+
+def assert_documented(doc: dict, path: str, method: str, response) -> None:
+    """The answer is one /openapi.json describes: its status is listed, its JSON body matches the
+    schema, and the headers it marks required are there."""
+    import jsonschema_rs
+
+    answers = doc["paths"][path][method]["responses"]
+    assert str(response.status_code) in answers, (path, method, response.status_code, sorted(answers))
+    documented = answers[str(response.status_code)]
+    schema = documented.get("content", {}).get("application/json", {}).get("schema")
+    if schema is not None:
+        validator = jsonschema_rs.validator_for({**schema, "components": doc["components"]})
+        errors = [f"{list(e.instance_path)}: {e.message}" for e in validator.iter_errors(response.json())]
+        assert not errors, (path, method, response.status_code, errors, response.text)
+    for name, header in documented.get("headers", {}).items():
+        assert not header.get("required") or name in response.headers, (path, name, dict(response.headers))
 
 
 # -- the API document's own examples ------------------------------------------------------------
@@ -115,7 +135,19 @@ def test_lama_erase_through_the_api(server):
     mask = png_b64((40, 30), color=(0, 0, 0))
     response = post(server, "/generate", {"model": "lama", "image": image, "mask": mask})
     assert response.status_code == 200, response.text
+    assert isinstance(response.json()["seed"], int)
     assert fetch_image(server, response.json()["url"]).size == (40, 30)
+
+
+def test_a_generate_answer_always_has_an_integer_seed(server):
+    """A LaMa record written before LaMa recorded its seed has "seed": null; the answer still
+    carries an integer, as the API document and /openapi.json promise."""
+    record = {"id": "old-lama", "type": "generate", "status": "done", "url": "/outputs/old-lama.png",
+              "file": "old-lama.png", "seed": None, "model": "lama", "width": 40, "height": 30}
+    (server.folder / "outputs" / "old-lama.json").write_text(json.dumps(record))
+    response = post(server, "/generate", {"id": "old-lama", "model": "lama", "image": png_b64(), "mask": png_b64()})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"url": "/outputs/old-lama.png", "id": "old-lama", "seed": 0}
 
 
 def test_an_id_makes_a_post_idempotent(server):
@@ -123,6 +155,36 @@ def test_an_id_makes_a_post_idempotent(server):
     first = post(server, "/generate", body).json()
     second = post(server, "/generate", {**body, "seed": 1}).json()
     assert first == second
+
+
+def test_an_id_of_one_endpoint_is_refused_by_the_other(server):
+    upscaled = post(server, "/upscale", {"id": "cross-1", "image": png_b64((16, 16))})
+    assert upscaled.status_code == 200, upscaled.text
+    error = assert_error(post(server, "/generate", {"id": "cross-1", "prompt": "x"}), 409, "id_in_use", "id")
+    assert "upscale" in error["message"]
+    assert post(server, "/upscale", {"id": "cross-1", "image": png_b64((16, 16))}).json() == upscaled.json()
+    generated = post(server, "/generate", {"id": "cross-2", "prompt": "x", "width": 64, "height": 64})
+    assert generated.status_code == 200
+    assert_error(post(server, "/upscale", {"id": "cross-2", "image": png_b64()}), 409, "id_in_use", "id")
+
+
+def test_a_generate_id_may_not_take_the_upscale_output_prefix(server):
+    error = assert_error(post(server, "/generate", {"id": "upscale_cross-1", "prompt": "x"}), 400, "invalid_id", "id")
+    assert "upscale_" in error["message"]
+
+
+def test_null_fields_take_their_defaults(server):
+    """React forms send null for empty inputs: null is the same as leaving the field out."""
+    plain = post(server, "/generate", {"prompt": "nulls", "seed": 9, "width": 64, "height": 64})
+    nulls = post(server, "/generate", {
+        "prompt": "nulls", "seed": 9, "width": 64, "height": 64, "num_inference_steps": None, "strength": None,
+        "no_text": None, "performance_mode": None, "model": None, "wait": None, "type": None, "image": None,
+        "mask": None, "id": None})
+    assert nulls.status_code == 200, nulls.text
+    assert requests.get(server.url + nulls.json()["url"], timeout=30).content == requests.get(
+        server.url + plain.json()["url"], timeout=30).content
+    assert_error(post(server, "/generate", {"prompt": "x", "seed": -1}), 400, "out_of_range", "seed")
+    assert "null" in post(server, "/generate", {"prompt": "x", "seed": -1}).json()["error"]["message"]
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -169,7 +231,92 @@ def test_unknown_paths_and_methods_are_json(server):
     assert_error(requests.get(server.url + "/nowhere", timeout=30), 404, "not_found")
     response = requests.put(server.url + "/generate", timeout=30)
     assert_error(response, 405, "method_not_allowed")
-    assert "POST" in response.headers["Allow"]
+    assert response.headers["Allow"] == "POST, OPTIONS"
+    response = requests.post(server.url + "/jobs/x", timeout=30)
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["Allow"] == "GET, HEAD, OPTIONS"
+    assert requests.head(server.url + "/jobs/idem-1", timeout=30).status_code == 200
+    options = requests.options(server.url + "/health", timeout=30)
+    assert options.status_code == 204 and options.headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+def raw_request(server, data: bytes, half_close: bool = False) -> tuple[int, dict, bytes]:
+    """Send bytes as they are (clients such as requests only send well-formed HTTP) and read the
+    answer: status, headers (lower-case names) and body. Bounded by the socket timeout."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        for _ in range(10_000):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", len(body)))
+    return int(lines[0].split()[1]), headers, body[:length]
+
+
+POST_HEAD = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("request_bytes, half_close, status, code", [
+    (POST_HEAD + b"Content-Length: -5\r\n\r\n{}", False, 400, "invalid_body"),
+    (POST_HEAD + b'Content-Length: 50\r\n\r\n{"prompt": "x", "wait": false}', True, 400, "invalid_body"),
+    (POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", False, 400, "invalid_body"),
+    (POST_HEAD + b"Content-Length: abc\r\n\r\n{}", False, 400, "invalid_body"),
+    (b"POST //generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+     False, 400, "bad_request"),
+    (b"GET /outputs/a%00.png HTTP/1.1\r\nHost: x\r\n\r\n", False, 404, "not_found"),
+    (b"GET /jobs/%ff HTTP/1.1\r\nHost: x\r\n\r\n", False, 404, "unknown_job"),
+    (b"GET /jobs/%ffidem-1 HTTP/1.1\r\nHost: x\r\n\r\n", False, 404, "unknown_job"),
+    (b"GET /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n", True, 404, "not_found"),
+])
+def test_malformed_requests_get_a_json_error_and_never_a_500(server, request_bytes, half_close, status, code):
+    answer_status, headers, body = raw_request(server, request_bytes, half_close)
+    assert answer_status == status, body
+    assert headers["content-type"] == "application/json"
+    assert headers["access-control-allow-origin"] == "*"
+    assert json.loads(body)["error"]["code"] == code
+    if status == 400:
+        assert headers["connection"] == "close"  # what is left of the body is not a request
+    assert "Traceback" not in server.log()
+    assert requests.get(server.url + "/health", timeout=30).status_code == 200
+
+
+def test_a_body_the_client_stops_sending_is_400(tmp_path, tiny_dir):
+    """The body read ends with the socket timeout (30 s on the real server): the same answer as a
+    short body, through the WSGI interface so the test does not wait for it."""
+    from wsgiref.util import setup_testing_defaults
+
+    from fluxworker.config import load_config
+    from fluxworker.http import Api
+
+    class Stalled(io.RawIOBase):
+        def read(self, size=-1):
+            raise TimeoutError("timed out")
+
+    api = Api(load_config(write_config(tmp_path, tiny_dir)))
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/generate", "CONTENT_TYPE": "application/json",
+               "CONTENT_LENGTH": "50"}
+    setup_testing_defaults(environ)
+    environ["wsgi.input"] = Stalled()
+    answer = {}
+    body = b"".join(api(environ, lambda status, headers, exc_info=None: answer.update(status=status,
+                                                                                    headers=dict(headers))))
+    assert answer["status"].startswith("400") and answer["headers"]["Connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "invalid_body"
+    assert not list((tmp_path / "inbox").glob("*.json"))
+
+
+def test_a_trailing_slash_routes_like_the_path_without_it(server):
+    assert requests.get(server.url + "/health/", timeout=30).json()["status"] == "ok"
+    response = post(server, "/generate/", {"prompt": "slash", "width": 64, "height": 64})
+    assert response.status_code == 200, response.text
+    assert requests.get(server.url + "/jobs/" + response.json()["id"] + "/", timeout=30).json()["status"] == "done"
 
 
 def raw_get(server, path):
@@ -267,7 +414,46 @@ def test_health_ready_and_openapi(server):
     assert props["width"]["maximum"] == 1024
 
 
+def test_real_answers_match_the_openapi_document(server):
+    doc = requests.get(server.url + "/openapi.json", timeout=30).json()
+    generated = post(server, "/generate", {"prompt": "documented", "width": 64, "height": 64, "seed": None})
+    upscaled = post(server, "/upscale", {"image": png_b64((16, 16)), "type": "upscale"})
+    answers = [
+        ("/generate", "post", generated),
+        ("/generate", "post", post(server, "/generate", {"model": "lama", "image": png_b64(), "mask": png_b64()})),
+        ("/upscale", "post", upscaled),
+        ("/generate", "post", post(server, "/generate", {"prompt": "later", "width": 64, "height": 64,
+                                                         "wait": False})),
+        ("/generate", "post", post(server, "/generate", {"prompt": "x", "width": 100})),
+        ("/generate", "post", post(server, "/generate", {"id": upscaled.json()["id"], "prompt": "x"})),
+        ("/upscale", "post", post(server, "/upscale", {"image": None})),
+        ("/upscale", "post", requests.post(server.url + "/upscale", data="x", timeout=30)),
+        ("/generate", "post", post(server, "/generate", {"prompt": "x", "image": "A" * 1_200_000})),
+        ("/jobs", "get", requests.get(server.url + "/jobs?limit=3", timeout=30)),
+        ("/jobs", "get", requests.get(server.url + "/jobs?limit=0", timeout=30)),
+        ("/jobs/{id}", "get", requests.get(server.url + "/jobs/" + generated.json()["id"], timeout=30)),
+        ("/jobs/{id}", "get", requests.get(server.url + "/jobs/" + upscaled.json()["id"], timeout=30)),
+        ("/jobs/{id}", "get", requests.get(server.url + "/jobs/never-seen", timeout=30)),
+        ("/outputs/{name}", "get", requests.get(server.url + "/outputs/never-seen.png", timeout=30)),
+        ("/health", "get", requests.get(server.url + "/health", timeout=30)),
+        ("/ready", "get", requests.get(server.url + "/ready", timeout=30)),
+    ]
+    assert {response.status_code for _, _, response in answers} >= {200, 202, 400, 404, 409, 413, 415}
+    for path, method, response in answers:
+        assert_documented(doc, path, method, response)
+    request_schema = doc["components"]["schemas"]["GenerateRequest"]
+    assert request_schema["properties"]["type"]["enum"] == ["generate", None]
+    assert doc["components"]["schemas"]["UpscaleRequest"]["properties"]["image"]["type"] == "string"
+    assert request_schema["properties"]["prompt"]["anyOf"][0]["maxLength"] == 2000
+    for name in ("num_inference_steps", "strength", "width", "height", "no_text", "performance_mode", "model"):
+        assert "null" in request_schema["properties"][name]["type"], name
+
+
 def test_twenty_concurrent_requests_all_complete(server):
+    """With the default threads and max_queue."""
+    import yaml
+
+    assert set(yaml.safe_load(server.config_file.read_text())["http"]) == {"host", "max_body_bytes"}
     results = [None] * 20
 
     def call(n):
@@ -289,7 +475,27 @@ def test_cors_preflight_and_headers_on_errors(server):
     assert response.status_code == 204
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert "POST" in response.headers["Access-Control-Allow-Methods"]
-    assert "Content-Type" in response.headers["Access-Control-Allow-Headers"]
+    assert "content-type" in response.headers["Access-Control-Allow-Headers"].lower()
+
+
+def test_a_preflight_allows_the_headers_the_page_asks_for(server):
+    response = requests.options(server.url + "/generate", headers={
+        "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,x-requested-with,authorization"}, timeout=30)
+    allowed = {name.strip() for name in response.headers["Access-Control-Allow-Headers"].split(",")}
+    assert allowed == {"content-type", "x-requested-with", "authorization"}
+    assert "Access-Control-Request-Headers" in response.headers["Vary"]
+    # Anything but a list of header names gets the default list.
+    odd = requests.options(server.url + "/generate", headers={
+        "Origin": "http://x", "Access-Control-Request-Headers": "a b; c"}, timeout=30)
+    assert odd.headers["Access-Control-Allow-Headers"] == "Content-Type, Authorization, X-API-Key"
+
+
+def test_scripts_on_other_origins_may_read_retry_after_location_and_www_authenticate(server):
+    for response in (requests.get(server.url + "/health", headers={"Origin": "http://x"}, timeout=30),
+                     requests.get(server.url + "/nowhere", headers={"Origin": "http://x"}, timeout=30)):
+        exposed = {name.strip() for name in response.headers["Access-Control-Expose-Headers"].split(",")}
+        assert exposed == {"Retry-After", "Location", "WWW-Authenticate"}
 
 
 # -- configurations of their own -----------------------------------------------------------------
@@ -304,7 +510,85 @@ def test_queue_limit_answers_503_with_retry_after(tmp_path, tiny_dir, server_fac
     response = post(api, "/generate", {"prompt": "one too many"})
     assert int(response.headers["Retry-After"]) >= 1
     assert "2 jobs" in error["message"]
-    assert requests.get(api.url + "/ready", timeout=30).status_code == 503
+    ready = requests.get(api.url + "/ready", timeout=30)
+    assert ready.status_code == 503
+    doc = requests.get(api.url + "/openapi.json", timeout=30).json()
+    assert_documented(doc, "/generate", "post", response)
+    assert_documented(doc, "/ready", "get", ready)
+
+
+def test_the_queue_limit_holds_under_concurrent_posts(tmp_path, tiny_dir, server_factory):
+    config = write_config(tmp_path, tiny_dir, http={"max_queue": 2, "threads": 24})
+    api = server_factory(config, command="api")  # no worker: jobs stay queued
+    start = threading.Barrier(12, timeout=60)
+    statuses = []
+
+    def call(n):
+        start.wait()
+        statuses.append(post(api, "/generate", {"prompt": f"race {n}", "wait": False}).status_code)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(statuses) == [202] * 2 + [503] * 10
+    assert len(list((tmp_path / "inbox").glob("*.json"))) == 2
+
+
+def test_waiting_requests_leave_threads_for_everything_else(tmp_path, tiny_dir, server_factory):
+    """Requests waiting on a job already queued do not count against the queue, yet each holds a
+    thread: at most threads - 4 wait, the next one gets 503, and /health still answers."""
+    config = write_config(tmp_path, tiny_dir, http={"max_queue": 2, "threads": 8, "wait_timeout": 60})
+    api = server_factory(config, command="api")  # no worker: the job stays queued
+    job = {"id": "held", "prompt": "x", "width": 64, "height": 64}
+    assert post(api, "/generate", {**job, "wait": False}).status_code == 202
+    answers = []
+    waiters = [threading.Thread(target=lambda: answers.append(post(api, "/generate", job))) for _ in range(4)]
+    for thread in waiters:
+        thread.start()
+    wait_for(lambda: requests.get(api.url + "/ready", timeout=30).json()["waiting"] == 4, timeout=60,
+             what="four waiting requests")
+    error = assert_error(post(api, "/generate", job, ), 503, "too_many_waiting")
+    assert "wait" in error["message"]
+    assert int(requests.post(api.url + "/generate", json=job, timeout=30).headers["Retry-After"]) >= 1
+    assert requests.get(api.url + "/health", timeout=30).status_code == 200
+    assert requests.get(api.url + "/jobs/held", timeout=30).json()["status"] == "queued"
+    # The job finishes: every waiting request gets its answer.
+    (tmp_path / "outputs" / "held.json").write_text(json.dumps(
+        {"id": "held", "type": "generate", "status": "done", "url": "/outputs/held.png", "seed": 3}))
+    for thread in waiters:
+        thread.join(timeout=60)
+    assert [answer.status_code for answer in answers] == [200] * 4
+    assert requests.get(api.url + "/ready", timeout=30).json()["waiting"] == 0
+
+
+def test_a_job_file_over_the_job_limit_is_413(tmp_path, tiny_dir, server_factory):
+    """The worker would refuse a job file over limits.max_job_bytes: the API answers 413 instead of
+    queueing it."""
+    from fluxworker.config import HttpConfig, LimitsConfig
+
+    assert HttpConfig().max_body_bytes <= LimitsConfig().max_job_bytes
+    config = write_config(tmp_path, tiny_dir, limits={"max_job_bytes": 4096})
+    api = server_factory(config, command="api")
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 80).convert("RGB").save(buffer, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    error = assert_error(post(api, "/generate", {"prompt": "x", "image": image, "wait": False}), 413, "too_large")
+    assert "limits.max_job_bytes" in error["message"]
+    assert not list((tmp_path / "inbox").glob("*.json"))
+    assert post(api, "/generate", {"prompt": "x", "wait": False}).status_code == 202
+
+
+def test_cors_origins_are_normalised_or_refused(tmp_path, tiny_dir):
+    from fluxworker.config import ConfigError, load_config
+
+    config = load_config(write_config(tmp_path, tiny_dir, http={"cors_origins": ["http://App.lan:5173/", "*"]}))
+    assert config.http.cors_origins == ["http://app.lan:5173", "*"]
+    for bad in ("http://app.lan:5173/app", "app.lan:5173", "http://app.lan?x=1", "ftp://app.lan"):
+        with pytest.raises(ConfigError) as caught:
+            load_config(write_config(tmp_path, tiny_dir, http={"cors_origins": [bad]}))
+        assert "http.cors_origins.0" in str(caught.value) and bad in str(caught.value)
 
 
 def test_a_job_that_outlasts_the_wait_gets_504_and_still_finishes(tmp_path, tiny_dir, server_factory,
@@ -333,6 +617,10 @@ def test_api_key(tmp_path, tiny_dir, server_factory):
     assert post(api, "/generate", {"prompt": "x", "wait": False}).status_code == 401
     assert post(api, "/generate", {"prompt": "x", "wait": False},
                 headers={"X-API-Key": "s3cret-key"}).status_code == 202
+    doc = requests.get(api.url + "/openapi.json", headers={"X-API-Key": "s3cret-key"}, timeout=30).json()
+    for path in ("/openapi.json", "/jobs", "/ready", "/metrics"):
+        assert_documented(doc, path, "get", requests.get(api.url + path, timeout=30))
+    assert_documented(doc, "/generate", "post", post(api, "/generate", {"prompt": "x"}))
 
 
 def test_api_key_from_the_environment_and_a_systemd_credential(tmp_path, tiny_dir):
@@ -354,7 +642,7 @@ def test_api_key_from_the_environment_and_a_systemd_credential(tmp_path, tiny_di
 
 
 def test_cors_origins_can_be_restricted(tmp_path, tiny_dir, server_factory):
-    config = write_config(tmp_path, tiny_dir, http={"cors_origins": ["http://app.lan:5173"]})
+    config = write_config(tmp_path, tiny_dir, http={"cors_origins": ["http://app.lan:5173/"]})
     api = server_factory(config, command="api")
     allowed = requests.get(api.url + "/health", headers={"Origin": "http://app.lan:5173"}, timeout=30)
     assert allowed.headers["Access-Control-Allow-Origin"] == "http://app.lan:5173"

@@ -9,15 +9,16 @@ from conftest import png_b64
 from fluxworker.config import LimitsConfig
 from fluxworker.errors import JobError
 from fluxworker.jobs import (
-    Job, JobSpec, done_record, failed_record, new_job_id, parse_job, parse_json, spec_json, validate_spec,
+    Job, JobSpec, done_record, failed_record, is_valid_id, new_job_id, parse_job, parse_json, spec_json,
+    validate_spec,
 )
 
 LIMITS = LimitsConfig()
 
 
-def rejected(data, limits=LIMITS) -> JobError:
+def rejected(data, limits=LIMITS, default_id=None) -> JobError:
     with pytest.raises(JobError) as caught:
-        parse_job(data, limits)
+        parse_job(data, limits, default_id=default_id)
     error = caught.value
     assert error.code and error.message
     return error
@@ -53,10 +54,30 @@ def test_id_is_generated_when_absent_and_kept_when_given():
     assert parse_job({"prompt": "x"}, LIMITS, default_id="bad name!").id != "bad name!"
 
 
-@pytest.mark.parametrize("job_id", ["", "a" * 65, "../etc", "a b", "é", "x.json", 12])
+@pytest.mark.parametrize("job_id", ["", "a" * 65, "../etc", "a b", "é", "x.json", 12, "abc\n", "\nabc"])
 def test_bad_ids_are_rejected(job_id):
     error = rejected({"prompt": "x", "id": job_id})
     assert error.field == "id"
+
+
+@pytest.mark.parametrize("job_id", ["abc\n", "abc\r\n", "\nabc", "a\nb", "", "a" * 65, "a/b", None, 7])
+def test_is_valid_id_takes_the_whole_string(job_id):
+    assert not is_valid_id(job_id)
+
+
+def test_a_file_name_with_a_newline_is_not_used_as_the_id():
+    assert parse_job({"prompt": "x"}, LIMITS, default_id="nl\n").id != "nl\n"
+
+
+def test_generate_ids_may_not_take_the_upscale_output_prefix():
+    """An upscale job writes upscale_<id>.png: a generate job with id upscale_<id> would write
+    the same file."""
+    error = rejected({"prompt": "x", "id": "upscale_abc"})
+    assert (error.code, error.field) == ("invalid_id", "id")
+    assert "upscale_" in error.message and "reserved" in error.message
+    assert rejected({"prompt": "x"}, default_id="upscale_abc").code == "invalid_id"
+    assert parse_job({"type": "upscale", "id": "upscale_abc", "image": png_b64()}, LIMITS).id == "upscale_abc"
+    assert parse_job({"prompt": "x", "id": "my_upscale_abc"}, LIMITS).id == "my_upscale_abc"
 
 
 @pytest.mark.parametrize(
@@ -103,6 +124,24 @@ def test_wrong_types_are_rejected_with_the_field(field, value):
         job["image"] = png_b64()
     error = rejected(job)
     assert (error.code, error.field) == ("invalid_type", field)
+
+
+def test_null_takes_the_default_of_every_optional_field():
+    """Web forms send null for fields left empty: null means "absent", on every way in."""
+    optional = ["id", "num_inference_steps", "width", "height", "seed", "no_text", "performance_mode", "image",
+                "mask", "strength", "model", "type", "transport"]
+    assert set(optional) == set(JobSpec.model_fields) - {"prompt"}
+    nulls = parse_job({"prompt": "x", **{name: None for name in optional}}, LIMITS).spec
+    assert nulls.model_dump(exclude={"id"}) == parse_job({"prompt": "x"}, LIMITS).spec.model_dump(exclude={"id"})
+    assert set(json.loads(spec_json(nulls))) == {"prompt", "id", "type"}  # the job file keeps no nulls
+    assert parse_job({"type": "upscale", "image": png_b64(), "prompt": None, "seed": None}, LIMITS).engine == "esrgan"
+    assert_rejected({"prompt": "x", "steps": None}, "unknown_field", "steps")
+
+
+def test_a_negative_seed_is_refused_with_a_pointer_to_null():
+    error = rejected({"prompt": "x", "seed": -1})
+    assert (error.code, error.field) == ("out_of_range", "seed")
+    assert "null" in error.message
 
 
 def test_prompt_is_required_non_empty_and_bounded():

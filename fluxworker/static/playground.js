@@ -26,14 +26,26 @@ async function api(path, options = {}) {
   return body;
 }
 
-// Images need the API key too when one is set, so they are fetched and shown from a blob.
+// Resolves once the image is shown; rejects when it cannot be loaded.
+function loaded(img, src) {
+  return new Promise((resolve, reject) => {
+    img.addEventListener("load", () => resolve(src), { once: true });
+    img.addEventListener("error", () => reject(new Error(`cannot load ${img.alt}`)), { once: true });
+    img.src = src;
+  });
+}
+
+// Images need the API key too when one is set, so they are fetched and shown from a blob URL.
+// Returns the URL the image is shown from: the one to open in a new tab (the image's own URL
+// would answer 401 there, without the key).
 async function showImage(img, url) {
-  if (!keyInput.value.trim()) {
-    img.src = url;
-    return;
-  }
+  if (!keyInput.value.trim()) return loaded(img, url);
   const response = await fetch(url, { headers: headers() });
-  img.src = URL.createObjectURL(await response.blob());
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error(`${url}: ${(body.error && body.error.message) || response.statusText} (${response.status})`);
+  }
+  return loaded(img, URL.createObjectURL(await response.blob()));
 }
 
 function setStatus(text, isError = false) {
@@ -101,22 +113,33 @@ $("form").addEventListener("submit", async (event) => {
   }
 });
 
+let recentBlobs = [];
+
 async function loadRecent() {
   try {
     const { jobs } = await api("/jobs?status=done&limit=12");
+    const shown = [];
     const figures = await Promise.all(jobs.map(async (job) => {
       const figure = document.createElement("figure");
       const img = document.createElement("img");
       img.alt = job.id;
       img.title = `seed ${job.seed ?? "-"}`;
-      img.addEventListener("click", () => window.open(job.url, "_blank"));
-      await showImage(img, job.url);
       const caption = document.createElement("figcaption");
-      caption.textContent = `${job.width}x${job.height}, seed ${job.seed ?? "-"}`;
+      try {
+        const src = await showImage(img, job.url);
+        shown.push(src);
+        img.addEventListener("click", () => window.open(src, "_blank"));
+        caption.textContent = `${job.width}x${job.height}, seed ${job.seed ?? "-"}`;
+      } catch (error) {
+        caption.textContent = `${job.id}: ${error.message}`;
+        caption.className = "error";
+      }
       figure.append(img, caption);
       return figure;
     }));
     $("recent").replaceChildren(...figures);
+    recentBlobs.forEach((url) => URL.revokeObjectURL(url));
+    recentBlobs = shown.filter((url) => url.startsWith("blob:"));
   } catch (error) {
     $("recent").textContent = `Cannot list outputs: ${error.message}`;
   }

@@ -307,8 +307,16 @@ def cmd_demo(args) -> int:
                 log.error("the service exited with status %s", server.returncode)
                 return EXIT_FAILED
             try:
-                if _http("GET", f"{base}/ready", timeout=2)[0] == 200:
+                status, body = _http("GET", f"{base}/ready", timeout=2)
+                ready = json.loads(body) if body.startswith(b"{") else {}
+                if status == 200:
                     break
+                if ready.get("worker") in ("idle", "running"):  # loaded, but a model failed to load
+                    if "flux" in ready.get("engines", []):
+                        log.warning("serving without %s", ", ".join(ready.get("unavailable") or {}) or "?")
+                        break
+                    log.error("FLUX is unavailable: %s", (ready.get("unavailable") or {}).get("flux"))
+                    return EXIT_FAILED
             except OSError:
                 pass
             if time.monotonic() > deadline:

@@ -248,7 +248,7 @@ class ServerProcess(WorkerProcess):
             except requests.RequestException:
                 return False
             # serve: the worker beside the API must have loaded its models too
-            return self.command != "serve" or bool(self.status().get("ready"))
+            return self.command != "serve" or self.status().get("state") in ("idle", "running", "blocked")
 
         if wait_ready:
             wait_for(up, timeout=120, interval=0.1, what=f"fluxworker {self.command} up")

@@ -93,22 +93,10 @@ def cmd_tiny_models(args) -> int:
     return 0
 
 
-def _process_alive(pid) -> bool:
-    """Whether a process with this id exists (one of another user counts)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cmd_status(args) -> int:
     """The queue, the running job and the last results, from the folders."""
     from .inbox import Inbox
+    from .statusfile import process_alive
 
     config = _config(args)
     inbox = Inbox(config.paths.inbox, config.paths.outputs)
@@ -116,7 +104,7 @@ def cmd_status(args) -> int:
     queue = inbox.scan()
     records = inbox.recent(args.last)
     pid = status.get("pid")
-    alive = _process_alive(pid)
+    alive = process_alive(pid)
     if args.json:
         # "alive" tells a worker that died without saying so (its last state stays "running").
         print(json.dumps({"worker": {**status, "alive": alive}, "queued": [e.name[:-5] for e in queue],

@@ -26,6 +26,7 @@ from .errors import JobError
 from .inbox import Inbox, read_json
 from .jobs import is_valid_id, parse_job, spec_json
 from .openapi import openapi_document
+from .statusfile import process_alive
 from .replies import ApiError, json_response
 from .waiter import CompletionWaiter
 
@@ -336,7 +337,7 @@ class Api:
     def ready(self):
         status = self.inbox.read_status() or {}
         pid = status.get("pid")
-        alive = isinstance(pid, int) and _pid_alive(pid)
+        alive = process_alive(pid)
         body = {
             "ready": bool(alive and status.get("ready")),
             "worker": status.get("state") if alive else "down",
@@ -376,16 +377,6 @@ def _route_path(raw: str) -> str | None:
     except UnicodeError:
         return None
     return path.rstrip("/") or "/"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_api_key(config: Config) -> str | None:

@@ -10,12 +10,27 @@ made at once on the caller's thread (the first and the last state of a worker ar
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 _NOTHING = object()
+
+
+def process_alive(pid: Any) -> bool:
+    """Whether the process a status file names still exists (one of another user counts): a
+    status left by a worker that died must not be read as its current state."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class StatusWriter:

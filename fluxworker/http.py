@@ -26,8 +26,8 @@ from .errors import JobError
 from .inbox import Inbox, read_json
 from .jobs import is_valid_id, parse_job, spec_json
 from .openapi import openapi_document
-from .statusfile import process_alive
 from .replies import ApiError, json_response
+from .statusfile import process_alive
 from .waiter import CompletionWaiter
 
 log = logging.getLogger(__name__)

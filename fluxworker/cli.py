@@ -93,6 +93,17 @@ def cmd_tiny_models(args) -> int:
     return 0
 
 
+def _stop_with_parent() -> None:
+    """In the demo's service process: a SIGTERM when the demo dies, however it dies (Linux), so
+    that a killed demo leaves no service behind."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def cmd_status(args) -> int:
     """The queue, the running job and the last results, from the folders."""
     from .inbox import Inbox
@@ -287,7 +298,7 @@ def cmd_demo(args) -> int:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "fluxworker", "serve", "--config", str(config_file),
-                               "--port", str(port)])
+                               "--port", str(port)], preexec_fn=_stop_with_parent)
     try:
         deadline = time.monotonic() + args.timeout
         while True:

@@ -213,7 +213,8 @@ class Api:
             job = parse_job(body, self.config.limits)
         except JobError as exc:
             raise ApiError.from_job_error(exc) from None
-        size, limit = len(spec_json(job.spec)), self.config.limits.max_job_bytes
+        text = spec_json(job.spec)
+        size, limit = len(text), self.config.limits.max_job_bytes
         if size > limit:  # the worker would refuse the job file
             raise ApiError(413, "too_large", f"the job would be {size} bytes, over the limit of {limit} bytes "
                            "(limits.max_job_bytes)")
@@ -234,7 +235,7 @@ class Api:
                     retry = max(1, round(queued * self.http.retry_after_per_job))
                     raise ApiError(503, "queue_full", f"{queued} jobs are waiting; try again later",
                                    headers={"Retry-After": str(retry)})
-                self.inbox.submit(job.spec)
+                self.inbox.submit(job.spec, text)
             if must_wait:
                 self.waiting += 1
         status_url = f"/jobs/{job.id}"

@@ -136,10 +136,11 @@ class Inbox:
 
     # -- producers ------------------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> Path:
-        """Drop a validated job (its id set) into the inbox, durably and atomically."""
+    def submit(self, spec: JobSpec, text: bytes | None = None) -> Path:
+        """Drop a validated job (its id set) into the inbox, durably and atomically. ``text`` is
+        ``spec_json(spec)`` when the caller has it already (a large job is not serialised twice)."""
         path = self.root / f"{spec.id}.json"
-        write_atomic(path, spec_json(spec))
+        write_atomic(path, spec_json(spec) if text is None else text)
         return path
 
     # -- the worker -----------------------------------------------------------------------

@@ -302,7 +302,8 @@ class Worker:
             result = engine.run(job, RunContext(seed=seed, progress=on_progress))
             run_s = time.monotonic() - started
             record = done_record(
-                job, seed=seed if result.seed is None else result.seed, width=result.image.width, height=result.image.height,
+                job, seed=seed if result.seed is None else result.seed,
+                width=result.image.width, height=result.image.height,
                 timings={"queued_s": queued_s, "run_s": run_s, "total_s": queued_s + run_s},
             )
         except StopNow:

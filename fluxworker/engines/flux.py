@@ -197,7 +197,8 @@ class FluxEngine(Engine):
             return prompt
         prompt = prompt.rstrip()
         tokenizer = self.pipes["text2img"].tokenizer_2
-        room = self.max_sequence_length - 1 - len(tokenizer(f" {self.no_text_suffix}", add_special_tokens=False).input_ids)
+        suffix_tokens = len(tokenizer(f" {self.no_text_suffix}", add_special_tokens=False).input_ids)
+        room = self.max_sequence_length - 1 - suffix_tokens  # 1: the end-of-sequence token
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
         if len(ids) > room:
             prompt = tokenizer.decode(ids[:max(room, 0)], skip_special_tokens=True).rstrip()

@@ -16,6 +16,7 @@ import paho.mqtt.client as paho
 from .config import ConfigError, MqttConfig
 from .credentials import read_secret
 from .inbox import is_job_name, read_json
+from .preflight import missing_tls_files
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,9 @@ def make_client(cfg: MqttConfig, client_id: str, topics: Topics) -> paho.Client:
     if cfg.username:
         client.username_pw_set(cfg.username, read_password(cfg))
     if cfg.tls:
-        for key in ("ca_file", "cert_file", "key_file"):
-            path = getattr(cfg, key)
-            if path is not None and not path.is_file():
-                raise ConfigError(f"mqtt.{key}: file not found (got {str(path)!r})")
+        missing = missing_tls_files(cfg)
+        if missing:
+            raise ConfigError(missing[0])
         try:
             client.tls_set(ca_certs=cfg.ca_file and str(cfg.ca_file), certfile=cfg.cert_file and str(cfg.cert_file),
                            keyfile=cfg.key_file and str(cfg.key_file))

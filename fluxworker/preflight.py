@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config
+from .config import Config, MqttConfig
 
 
 @dataclass
@@ -40,13 +40,18 @@ def preflight(config: Config) -> Findings:
 
         if not torch.cuda.is_available():
             found.errors.append("models.device: 'cuda', but no CUDA device is visible (use auto or cpu)")
-    mqtt = config.mqtt
-    if mqtt.enabled and mqtt.tls:
-        for key in ("ca_file", "cert_file", "key_file"):
-            path = getattr(mqtt, key)
-            if path is not None and not path.is_file():
-                found.errors.append(f"mqtt.{key}: {path}: file not found")
+    if config.mqtt.enabled:
+        found.errors.extend(missing_tls_files(config.mqtt))
     return found
+
+
+def missing_tls_files(mqtt: MqttConfig) -> list[str]:
+    """``mqtt.<key>: file not found (got '<path>')`` for each TLS file the MQTT client would need."""
+    if not mqtt.tls:
+        return []
+    paths = ((key, getattr(mqtt, key)) for key in ("ca_file", "cert_file", "key_file"))
+    return [f"mqtt.{key}: file not found (got {str(path)!r})" for key, path in paths
+            if path is not None and not path.is_file()]
 
 
 def _in_hub_cache(repo_id: str) -> bool:

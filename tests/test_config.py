@@ -130,7 +130,7 @@ def test_check_config_and_the_worker_refuse_what_the_worker_cannot_start_with(tm
     path.write_text("mqtt:\n  enabled: true\n  tls: true\n  ca_file: certs/ca.pem\n")
     check = run_cli("check-config", "--config", str(path))
     assert check.returncode == 1
-    assert f"error: mqtt.ca_file: {tmp_path / 'certs' / 'ca.pem'}: file not found" in check.stderr
+    assert f"error: mqtt.ca_file: file not found (got {str(tmp_path / 'certs' / 'ca.pem')!r})" in check.stderr
     worker = run_cli("worker", "--config", str(path))
     assert worker.returncode == 2
     assert "cannot start: mqtt.ca_file" in worker.stderr and "Traceback" not in worker.stderr

@@ -80,6 +80,4 @@ class JobFiles:
         job_id = job_id or (stem if is_valid_id(stem) else None)
         log.warning("rejected %s: %s [%s] transport=%s", path.name, error.message, error.code, transport)
         self.inbox.reject(path, error, job_id, job_type)
-        self.metrics.record(job_type=job_type or "unknown", engine="none", transport=transport, outcome="rejected",
-                            run_s=0.0, steps=None)
-        self.metrics.save()
+        self.metrics.count_rejected(transport, job_type or "unknown")

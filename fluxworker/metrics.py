@@ -68,9 +68,9 @@ class JobMetrics:
         with self._lock:
             self.gpu = _gpu_memory()
 
-    def count_rejected(self, transport: str) -> None:
+    def count_rejected(self, transport: str, job_type: str = "unknown") -> None:
         """One more message or file refused before it became a job; saved at once."""
-        self.record(job_type="unknown", engine="none", transport=transport, outcome="rejected", run_s=0.0,
+        self.record(job_type=job_type, engine="none", transport=transport, outcome="rejected", run_s=0.0,
                     steps=None)
         try:
             self.save()

@@ -99,15 +99,16 @@ class FluxEngine(Engine):
         from diffusers.utils import logging as dlogging
 
         dlogging.disable_progress_bar()
-        # from_pipe re-applies the dtype the modules already have, which makes diffusers warn
-        # about float32 modules even when there are none: quiet it for these two calls only.
+        # from_pipe casts the shared modules to its dtype argument, float32 when none is given:
+        # pass the engine's. It also warns about float32 modules even when there are none, so
+        # it is quieted for these two calls only.
         verbosity = dlogging.get_verbosity()
         dlogging.set_verbosity_error()
         try:
             self.pipes = {
                 "text2img": base,
-                "img2img": FluxImg2ImgPipeline.from_pipe(base),
-                "inpaint": FluxInpaintPipeline.from_pipe(base),
+                "img2img": FluxImg2ImgPipeline.from_pipe(base, dtype=self.dtype),
+                "inpaint": FluxInpaintPipeline.from_pipe(base, dtype=self.dtype),
             }
         finally:
             dlogging.set_verbosity(verbosity)

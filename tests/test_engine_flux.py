@@ -129,6 +129,24 @@ def test_on_the_cpu_the_gpu_features_stay_off_by_default(engine):
     assert engine.mode == "fast"
 
 
+def test_every_module_keeps_the_configured_dtype(tiny_dir):
+    # A GPU runs bfloat16; building the img2img and inpaint pipelines over the loaded one once cast
+    # the shared modules to float32 (twice the memory, several times slower), which float32 on the
+    # CPU cannot show. bfloat16 on the CPU can.
+    half = FluxEngine(str(tiny_dir / "flux"), device="cpu", dtype=torch.bfloat16, no_text_suffix="")
+    half.load()
+    try:
+        run(half, width=64, height=64, num_inference_steps=1)
+        run(half, image=png_b64(), strength=0.5, num_inference_steps=2)
+        for name, pipe in half.pipes.items():
+            for component, module in pipe.components.items():
+                if isinstance(module, torch.nn.Module):
+                    dtypes = {p.dtype for p in module.parameters()}
+                    assert dtypes == {torch.bfloat16}, (name, component, dtypes)
+    finally:
+        half.close()
+
+
 def test_an_engine_over_a_pipeline_in_memory_matches_one_loaded_from_disk(engine, tiny_dir):
     from diffusers import FluxPipeline
 

@@ -54,10 +54,11 @@ def model_name(reference: str | None) -> str:
 
 
 def job_parameters(job: Job, seed: int | None, size: tuple[int, int], *, model: str | None = None,
-                   performance: Any = None) -> dict[str, str]:
+                   settings: dict[str, bool] | None = None) -> dict[str, str]:
     """The PNG text chunks for an image made by ``job`` with ``seed``. ``model`` is the configured
-    FLUX model (``models.flux``) and ``performance`` the ``performance`` config section; without
-    them the model is named FLUX.1-schnell and the pixel-changing settings are not recorded."""
+    FLUX model (``models.flux``) and ``settings`` the FLUX engine's pixel-changing settings as it
+    applied them (``FluxEngine.pixel_settings``: float8 storage, compilation); without them the
+    model is named FLUX.1-schnell and those settings are not recorded."""
     spec = job.spec
     fields = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _INTERNAL}
     if job.engine != "flux":
@@ -65,10 +66,10 @@ def job_parameters(job: Job, seed: int | None, size: tuple[int, int], *, model: 
     else:
         fields["seed"] = seed
     inputs = {name: _input_digest(getattr(spec, name)) for name in ("image", "mask") if getattr(spec, name)}
-    settings = None
-    if performance is not None and job.engine == "flux":
-        settings = {"fp8_storage": bool(getattr(performance, "fp8_storage", False)),
-                    "compile": bool(getattr(performance, "compile", False))}
+    if job.engine != "flux" or not settings:
+        settings = None
+    else:
+        settings = {"fp8_storage": bool(settings.get("fp8_storage")), "compile": bool(settings.get("compile"))}
 
     if job.engine == "flux":
         lines = [spec.prompt or ""]

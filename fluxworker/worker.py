@@ -322,6 +322,11 @@ class Worker:
         # The status says "running" until the next job replaces it, or the loop finds the queue
         # empty and says "idle" (see _settle_status): one write fewer per job in a busy queue.
 
+    def _pixel_settings(self) -> dict[str, bool] | None:
+        """The FLUX engine's settings that change pixels, as applied (None before it exists)."""
+        flux = self.engines.engines.get("flux") if self.engines else None
+        return getattr(flux, "pixel_settings", None)
+
     def _finish(self, done: "_Finished") -> None:
         """On the finisher's thread: the image (encoded here), then the completion record, then
         the job file goes. When outputs/ cannot take them, the job goes back to the queue."""
@@ -330,7 +335,7 @@ class Worker:
         try:
             if done.result is not None:
                 text = job_parameters(job, done.result.seed, done.result.image.size,
-                                      model=self.config.models.flux, performance=self.config.performance)
+                                      model=self.config.models.flux, settings=self._pixel_settings())
                 png = png_bytes(done.result.image, text, self.config.worker.png_compression)
                 self.inbox.write_output(job.output_name, png)
             self.inbox.finish(done.path, record)

@@ -177,9 +177,21 @@ def test_bad_engine_settings_name_their_key(tmp_path, data, key):
 def test_performance_defaults_keep_the_unmeasured_options_off(tmp_path):
     performance = parse_config({}, tmp_path).performance
     assert performance.start_mode == "balanced" and performance.balanced_vram_gib == 15.0
-    assert not performance.compile and not performance.fp8_storage
+    assert performance.compile == "auto" and not performance.fp8_storage
+    # compilation measured faster on a GPU in both modes, so auto turns it on with CUDA only
+    assert performance.compiles("cuda") and not performance.compiles("cpu")
     assert performance.warmup == "auto"  # on with CUDA only: the CPU demo and tests start at once
     assert performance.sizes == [(1024, 1024), (512, 512)]
+
+
+@pytest.mark.parametrize("compile_, fp8, cuda, cpu", [
+    ("auto", True, False, False),  # auto gives way to float8 storage, which compiled blocks cannot trace
+    (True, False, True, True),
+    (False, False, False, False),
+])
+def test_compile_setting_on_each_device(tmp_path, compile_, fp8, cuda, cpu):
+    performance = parse_config({"performance": {"compile": compile_, "fp8_storage": fp8}}, tmp_path).performance
+    assert (performance.compiles("cuda"), performance.compiles("cpu")) == (cuda, cpu)
 
 
 def test_compile_cache_resolves_against_the_config_folder(tmp_path):

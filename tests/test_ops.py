@@ -72,6 +72,8 @@ def test_png_parameters_round_trip_and_rerun_gives_the_same_bytes(server, tmp_pa
     # The tiny model's folder is named "flux"; a worker that does not pass its model names FLUX.1-schnell.
     assert re.search(r"Model: (flux|FLUX\.1-schnell),", lines[1]) and "fluxworker" in lines[1]
     assert "Mode: txt2img" in lines[1]
+    # what the engine applied, not the config's words: compile defaults to auto, off on the CPU
+    assert found["fluxworker"]["settings"] == {"fp8_storage": False, "compile": False}
     job = found["fluxworker"]["job"]
     assert job["seed"] == body["seed"] and job["performance_mode"] == "fast" and job["no_text"] is True
     assert "id" not in job and "transport" not in job
@@ -93,10 +95,10 @@ def test_parameters_name_the_configured_model_the_mode_and_the_settings_that_cha
     from fluxworker.metadata import job_parameters
 
     (tmp_path / "my-flux-finetune").mkdir()
-    config = parse_config({"models": {"flux": "my-flux-finetune"},
-                           "performance": {"fp8_storage": True, "compile": False}}, tmp_path)
+    config = parse_config({"models": {"flux": "my-flux-finetune"}}, tmp_path)
     job = parse_job({"id": "p1", "prompt": "a kite", "width": 64, "height": 64, "seed": 3}, config.limits)
-    chunks = job_parameters(job, 3, (64, 64), model=config.models.flux, performance=config.performance)
+    chunks = job_parameters(job, 3, (64, 64), model=config.models.flux,
+                            settings={"fp8_storage": True, "compile": False})
     details = chunks["parameters"].splitlines()[1]
     for item in ("Model: my-flux-finetune,", "Mode: txt2img,", "FP8 storage: true,", "Compiled: false,"):
         assert item in details

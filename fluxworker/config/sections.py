@@ -319,7 +319,9 @@ class PerformanceConfig(_Section):
     )
     fuse_qkv: bool = Field(True, description="Fuse each attention's q, k and v projections (CUDA).")
     vae_channels_last: bool = Field(True, description="Run the VAE's convolutions in channels_last (CUDA).")
-    compile: bool = Field(False, description="Compile the transformer's repeated blocks for fast mode (CUDA).")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="Compile the transformer's repeated blocks (CUDA); auto: on with CUDA unless fp8_storage."
+    )
     compile_cache: Path | None = Field(
         None, description="Folder for compiled kernels, kept across restarts; null: $TORCHINDUCTOR_CACHE_DIR."
     )
@@ -354,10 +356,17 @@ class PerformanceConfig(_Section):
                 f"balanced_reserve_gib ({self.balanced_reserve_gib}) must be less than balanced_vram_gib "
                 f"({self.balanced_vram_gib})"
             )
-        if self.compile and self.fp8_storage:
+        if self.compile is True and self.fp8_storage:
             raise ValueError("compile and fp8_storage cannot both be on: float8 storage casts weights in hooks "
                              "that compiled blocks cannot trace")
         return self
+
+    def compiles(self, device: str) -> bool:
+        """Whether FLUX's blocks are compiled on ``device``: ``compile: true``, or ``auto`` on CUDA
+        without float8 storage (the two cannot be combined)."""
+        if self.compile == "auto":
+            return device == "cuda" and not self.fp8_storage
+        return self.compile
 
     @property
     def sizes(self) -> list[tuple[int, int]]:

@@ -124,7 +124,7 @@ class FluxEngine(Engine):
                                  int(performance.balanced_reserve_gib * GIB))
             self.placement = Placement(base, self.device, plan, pin=self.device == "cuda")
             self.placement.use(performance.start_mode)
-            if performance.compile:
+            if performance.compiles(self.device):
                 if self.compile_backend == "inductor":
                     log.info("compiled kernels are kept in %s", tuning.use_compile_cache(performance.compile_cache))
                 tuning.compile_blocks(base.transformer, backend=self.compile_backend)
@@ -132,11 +132,16 @@ class FluxEngine(Engine):
             if self.tuned:
                 log.info("FLUX speed-ups: %s", ", ".join(self.tuned))
         else:
-            ignored = [key for key in ("compile", "fp8_storage") if getattr(performance, key)]
+            ignored = [key for key in ("compile", "fp8_storage") if getattr(performance, key) is True]
             if ignored:
                 log.warning("performance.%s applies on CUDA only: ignored on %s", " and ".join(ignored), self.device)
         if performance.warmup is True or (performance.warmup == "auto" and self.device == "cuda") or self.compiled:
             self.warm_up()
+
+    @property
+    def pixel_settings(self) -> dict[str, bool]:
+        """The settings in use that change the images' pixels, for their metadata."""
+        return {"fp8_storage": "fp8 storage" in self.tuned, "compile": self.compiled}
 
     @property
     def mode(self) -> str:

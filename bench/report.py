@@ -140,7 +140,14 @@ if __name__ == "__main__":  # redraw the chart and the table from a saved run: r
     parser = argparse.ArgumentParser(description="Print the table and draw the chart of a saved gpu_bench.json.")
     parser.add_argument("json", type=Path)
     parser.add_argument("--chart", type=Path, help="PNG to write (default: beside the JSON)")
+    parser.add_argument("--baseline", type=Path,
+                        help="the plain-diffusers reference's JSON lines, in place of the saved figures "
+                             "(from a run of diffusers_baseline.py on the same kind of card)")
     args = parser.parse_args()
     saved = json.loads(args.json.read_text())
+    if args.baseline:
+        saved["reference"] = reference_figures(args.baseline)
+        if not saved.get("tiny"):
+            saved["targets"] = targets(saved)
     chart(saved, args.chart or args.json.with_suffix(".png"))
     print_summary(saved)

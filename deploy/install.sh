@@ -87,7 +87,7 @@ install -d -m 0755 "$prefix"
 install -d -m 0750 -o root -g "$user" "$config_dir"
 install -d -m 0700 -o root -g root "$config_dir/credentials"
 install -d -m 0750 -o "$user" -g "$user" "$data_dir" "$data_dir/inbox" "$data_dir/outputs" "$data_dir/models"
-install -d -m 0750 -o "$user" -g "$user" "$cache_dir" "$cache_dir/huggingface" "$cache_dir/inductor"
+install -d -m 0750 -o "$user" -g "$user" "$cache_dir" "$cache_dir/huggingface" "$cache_dir/inductor" "$cache_dir/triton"
 
 # 3. The package in its own venv, on Python 3.11 or newer (Ubuntu 22.04's python3 is 3.10).
 if [ ! -x "$prefix/venv/bin/python" ]; then

@@ -8,6 +8,9 @@ concerned fails its jobs with a clear error, and the others serve.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,14 +38,35 @@ def preflight(config: Config) -> Findings:
         path = getattr(models, key)
         if path is not None and not path.is_file():
             found.warnings.append(f"models.{key}: {path}: file not found; {jobs} will fail")
-    if models.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            found.errors.append("models.device: 'cuda', but no CUDA device is visible (use auto or cpu)")
+    if models.device == "cuda" and not _cuda_visible():
+        found.errors.append("models.device: 'cuda', but no CUDA device is visible (use auto or cpu)")
+    if models.device != "cpu" and config.performance.compiles("cuda"):
+        missing = missing_build_tools()  # checked first: cheaper than importing torch
+        if missing and _cuda_visible():
+            found.warnings.append(
+                f"performance.compile: {' and '.join(missing)} not found; compiling FLUX's blocks needs them "
+                "(Debian/Ubuntu: apt install build-essential python3-dev), so the worker will run them "
+                "uncompiled (slower)")
     if config.mqtt.enabled:
         found.errors.extend(missing_tls_files(config.mqtt))
     return found
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def missing_build_tools() -> list[str]:
+    """What Triton needs to build its small C helpers at run time, and this machine lacks."""
+    missing = []
+    compilers = [os.environ.get("CC", ""), "cc", "gcc", "clang"]
+    if not any(name and shutil.which(name) for name in compilers):
+        missing.append("a C compiler (cc, gcc or clang)")
+    if not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
+        missing.append("Python's headers (Python.h)")
+    return missing
 
 
 def missing_tls_files(mqtt: MqttConfig) -> list[str]:

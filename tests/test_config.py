@@ -1,4 +1,6 @@
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -123,6 +125,22 @@ def test_check_config_warns_about_model_files_this_machine_lacks(tmp_path):
     assert f"models.flux: {tmp_path / 'no-such-model'}: not a diffusers model folder" in result.stderr
     assert f"models.lama: {tmp_path / 'weights' / 'big-lama.pt'}: file not found" in result.stderr
     assert "models.esrgan" not in result.stderr  # off, not missing
+
+
+def test_the_build_tools_compilation_needs_are_looked_for_on_the_path(tmp_path, monkeypatch):
+    from fluxworker.preflight import missing_build_tools
+
+    import sysconfig
+
+    headers = [] if Path(sysconfig.get_paths()["include"], "Python.h").is_file() else ["Python's headers (Python.h)"]
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # a folder with no compiler in it
+    assert missing_build_tools() == ["a C compiler (cc, gcc or clang)"] + headers
+    compiler = tmp_path / "my-cc"
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", "my-cc")
+    assert missing_build_tools() == headers
 
 
 def test_check_config_and_the_worker_refuse_what_the_worker_cannot_start_with(tmp_path):

@@ -238,6 +238,25 @@ def test_compiled_blocks_warm_up_in_fast_mode_and_jobs_of_those_sizes_compile_no
         uncompile_blocks(pipe.transformer)
 
 
+def test_a_compiler_that_fails_leaves_the_engine_running_uncompiled(caplog):
+    # What a machine without a C compiler does to Triton, told by a backend that raises.
+    def broken(graph, example_inputs):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    plain = FluxEngine.from_pipeline(tiny_flux_pipeline(), device="cpu", dtype=torch.float32)
+    pipe = tiny_flux_pipeline()
+    with caplog.at_level("WARNING", logger="fluxworker.engines.flux"):
+        fallback = FluxEngine.from_pipeline(
+            pipe, device="cpu", dtype=torch.float32, accelerated=True, compile_backend=broken,
+            performance=streaming_performance(pipe, compile=True, warmup_sizes=["64x64"]))
+    assert not fallback.compiled and "Failed to find C compiler" in fallback.compile_error
+    assert fallback.pixel_settings == {"fp8_storage": False, "compile": False}
+    assert "run uncompiled" in caplog.text and "build-essential" in caplog.text
+    assert set(fallback.warmup_seconds) == {"balanced 64x64"}
+    jobs = [dict(performance_mode="fast"), dict(performance_mode="balanced")]
+    assert images(fallback, *jobs) == images(plain, *jobs)
+
+
 def test_closing_takes_the_stand_ins_out_and_frees_the_pipelines():
     pipe = tiny_flux_pipeline()
     placed = FluxEngine.from_pipeline(pipe, device="cpu", dtype=torch.float32, accelerated=True,

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageOps
 
@@ -43,7 +44,7 @@ class FluxEngine(Engine):
 
     def __init__(self, ref: str, *, device: str, dtype, no_text_suffix: str, allow_download: bool = False,
                  performance: PerformanceConfig | None = None, accelerated: bool | None = None,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str | Callable = "inductor"):
         self.ref = ref
         self.device = device
         self.dtype = dtype
@@ -60,6 +61,7 @@ class FluxEngine(Engine):
         self.prompts = PromptCache(self.performance.prompt_cache)
         self.tuned: list[str] = []
         self.compiled = False
+        self.compile_error: str | None = None  # why compilation was given up, when it was
         self.warmup_seconds: dict[str, float] = {}
 
     @classmethod
@@ -135,8 +137,33 @@ class FluxEngine(Engine):
             ignored = [key for key in ("compile", "fp8_storage") if getattr(performance, key) is True]
             if ignored:
                 log.warning("performance.%s applies on CUDA only: ignored on %s", " and ".join(ignored), self.device)
-        if performance.warmup is True or (performance.warmup == "auto" and self.device == "cuda") or self.compiled:
+        if self.compiled:
+            self._warm_up_compiled()
+        elif performance.warmup is True or (performance.warmup == "auto" and self.device == "cuda"):
             self.warm_up()
+
+    def _warm_up_compiled(self) -> None:
+        """Warm up, which compiles; if compiling fails (no C compiler or Python headers for Triton,
+        a GPU the compiler does not support), run the blocks uncompiled instead: a slower worker
+        serves, one that cannot start does not."""
+        import torch
+
+        try:
+            self.warm_up()
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # the compiler stack raises many kinds
+            self.compile_error = f"{type(exc).__name__}: {exc}".strip()[:1000]
+        from .tuning import uncompile_blocks
+
+        log.warning("compiling FLUX's blocks failed, so they run uncompiled (slower); install a C compiler "
+                    "and Python's headers (Debian/Ubuntu: build-essential python3-dev) or set "
+                    "performance.compile: false. The error: %s", self.compile_error)
+        uncompile_blocks(self.pipes["text2img"].transformer)
+        self.compiled = False
+        self.warmup_seconds.clear()
+        self.warm_up()
 
     @property
     def pixel_settings(self) -> dict[str, bool]:
@@ -246,6 +273,7 @@ class FluxEngine(Engine):
         """What the engine did to be fast: speed-ups, placement and its moves, cache use, warm-up."""
         return {
             "mode": self.mode, "accelerated": self.accelerated, "tuned": list(self.tuned), "compiled": self.compiled,
+            "compile_error": self.compile_error,
             "warmup_seconds": dict(self.warmup_seconds),
             "prompt_cache": {"size": self.prompts.size, "hits": self.prompts.hits, "misses": self.prompts.misses},
             "placement": self.placement.stats() if self.placement is not None else None,

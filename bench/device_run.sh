@@ -6,8 +6,8 @@
 #
 #   OUT=/tmp/out bash bench/device_run.sh       (in a copy of the repository with .gpu-bench/)
 #
-# Expected: ~15 s installing wheels, ~2.5 min reference (~1.5 min of it the model-offload run),
-# ~3.5 min benchmark: about 6.5 min in all, under the 10-minute limit of one command.
+# Measured on an H100: a few seconds installing wheels, 2.6 min reference (1.8 of it the
+# model-offload run), about 3 min benchmark: about 6 min in all, under the 10-minute limit of one command.
 # SKIP_BASELINE=1 runs only the benchmark (compare it only with a reference from the same card);
 # BENCH_ARGS passes options to bench/gpu.py (e.g. "--skip fp8").
 set -uo pipefail

@@ -8,6 +8,8 @@ hands it to ``FluxEngine.from_pipeline`` and measures, at 1024x1024 and 512x512,
 - peak GPU memory of each mode (allocated and reserved; the peak is reset between modes);
 - switching modes: the move itself and the first job after it, both ways;
 - one transformer forward with each attention kernel;
+- the VAE decode in each memory layout, with and without cuDNN's autotuner, and the same two
+  candidates for the upscaler and LaMa (speed-ups measured before any is shipped);
 - compiled fast mode: warm-up with an empty and with a filled kernel cache, and how many graphs
   compile after warm-up (0 means no job pays for compiling);
 - float8 storage: speed in both modes, and its difference from bfloat16 for the same seed;
@@ -53,7 +55,7 @@ from fluxworker.engines.placement import GIB, encoder_places, pipeline_modules  
 from fluxworker.engines.streaming import tensor_bytes  # noqa: E402
 from fluxworker.jobs import parse_job  # noqa: E402
 
-SECTIONS = ["bandwidth", "upscale", "erase", "attention", "fast", "balanced", "switch", "compile", "fp8"]
+SECTIONS = ["bandwidth", "upscale", "erase", "attention", "layouts", "fast", "balanced", "switch", "compile", "fp8"]
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
@@ -230,6 +232,7 @@ class Bench:
             engine.load()
             job = Job(JobSpec(id="bench", type="upscale"), engine_bench.photo(size))
             row = engine_bench.time_runs(engine, job, self.repeat, self.device)
+            row["candidates"] = self.candidates(engine, job)
             engine.close()
         self.results["upscale"] = {"input": size, "output": size * 4, **row}
 
@@ -245,6 +248,7 @@ class Bench:
             engine.load()
             job = Job(JobSpec(id="bench", model="lama"), engine_bench.photo(size), engine_bench.centre_mask(size))
             row = engine_bench.time_runs(engine, job, self.repeat, self.device)
+            row["candidates"] = self.candidates(engine, job)
             engine.close()
         self.results["erase"] = {"size": size, **row}
 
@@ -263,6 +267,54 @@ class Bench:
         if self.device == "cuda":
             torch.cuda.empty_cache()
         self.pipe = build_flux("tiny" if self.tiny else "full", self.device, self.dtype)
+
+    def candidates(self, engine, job) -> dict:
+        """Median seconds of ``job`` with speed-ups the engine does not apply (yet): its network in
+        channels_last, and cuDNN's autotuner (which times the convolution algorithms for each new
+        shape once). Measured here first; shipped only if they win. The engine is left as it was."""
+        network = engine.model.model  # spandrel's descriptor holds the torch module
+        figures = {}
+        try:
+            for layout, memory_format in (("channels_last", torch.channels_last),
+                                          ("contiguous", torch.contiguous_format)):
+                network.to(memory_format=memory_format)
+                for tuned in (False, True):
+                    torch.backends.cudnn.benchmark = tuned
+                    name = f"{layout}, cudnn benchmark" if tuned else layout
+                    figures[name] = round(engine_bench.time_runs(engine, job, self.repeat, self.device)["median_s"], 4)
+        finally:
+            torch.backends.cudnn.benchmark = False
+            network.to(memory_format=torch.contiguous_format)
+        return figures
+
+    def layouts(self) -> None:
+        """The VAE decode (the end of every image) in each memory layout, with and without cuDNN's
+        autotuner: whether ``vae_channels_last`` pays on this card."""
+        vae, size = self.pipe.vae, self.sizes[0]
+        latents = torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=self.device, dtype=self.dtype)
+        figures: dict = {"size": size}
+        try:
+            with torch.inference_mode():
+                for layout, memory_format in (("channels_last", torch.channels_last),
+                                              ("contiguous", torch.contiguous_format)):
+                    vae.to(memory_format=memory_format)
+                    for tuned in (False, True):
+                        torch.backends.cudnn.benchmark = tuned
+                        times = []
+                        for attempt in range(2 + self.repeat):
+                            self.sync()
+                            started = time.perf_counter()
+                            vae.decode(latents, return_dict=False)
+                            self.sync()
+                            if attempt >= 2:
+                                times.append(time.perf_counter() - started)
+                        name = f"{layout}, cudnn benchmark" if tuned else layout
+                        figures[name] = round(statistics.median(times) * 1000, 2)
+        finally:
+            torch.backends.cudnn.benchmark = False
+            shipped = self.engine.performance.vae_channels_last and self.device == "cuda"
+            vae.to(memory_format=torch.channels_last if shipped else torch.contiguous_format)
+        self.results["vae_decode_ms"] = figures
 
     def build(self) -> None:
         started = time.perf_counter()
@@ -426,7 +478,8 @@ def main() -> int:
     bench.section("erase", 30, bench.erase)
     bench.section("build", 60, bench.build)
     if bench.engine is not None:
-        for name, need, run in (("attention", 20, bench.attention), ("fast", 40, bench.fast),
+        for name, need, run in (("attention", 20, bench.attention), ("layouts", 10, bench.layouts),
+                                ("fast", 40, bench.fast),
                                 ("balanced", 60, bench.balanced), ("switch", 20, bench.switch),
                                 ("compile", 120, bench.compile), ("fp8", 60, bench.fp8)):
             bench.section(name, need, run)

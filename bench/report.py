@@ -129,7 +129,7 @@ def print_summary(results: dict) -> None:
         print(f"{row['variant']:<24} {row['mode']:<9} {row['size']:>5} {row['median_s']:>9.3f} "
               f"{new:>13} {row['first_s']:>8.3f} {row.get('peak_allocated_gib', '-'):>9}")
     for key in ("reference", "bandwidth", "plan", "balanced_vs_fast_image", "switch", "compile", "fp8", "upscale", "erase",
-                "attention_forward_ms", "targets", "errors", "skipped"):
+                "attention_forward_ms", "vae_decode_ms", "targets", "errors", "skipped"):
         if results.get(key):
             print(f"{key}: {json.dumps(results[key], default=str)}")
 

@@ -45,6 +45,9 @@ def test_the_gpu_benchmark_runs_every_section_on_the_cpu(tmp_path):
     assert report["balanced_vs_fast_image"]["max_abs_diff"] == 0  # streaming the blocks changes no pixel
     assert report["upscale"]["output"] == 4 * report["upscale"]["input"] and report["erase"]["median_s"] > 0
     assert report["attention_forward_ms"]["sdpa"] > 0
+    candidates = {"channels_last", "channels_last, cudnn benchmark", "contiguous", "contiguous, cudnn benchmark"}
+    assert set(report["vae_decode_ms"]) == candidates | {"size"}
+    assert set(report["upscale"]["candidates"]) == set(report["erase"]["candidates"]) == candidates
     chart = Image.open(out / "gpu_bench.png")
     assert chart.format == "PNG" and chart.width == 1100
     assert "fast" in result.stdout and "median s" in result.stdout

@@ -418,6 +418,13 @@ class Bench:
             for size in self.sizes:
                 self.time_mode("fast", size, f"{self.precision} compiled", fresh=0 if self.tiny else 1)
             figures["graphs_compiled_after_warmup"] = graphs() - before
+            # A size no warm-up made: does the graph compiled for two sizes fit it, or does its first
+            # job pay for compiling?
+            other = 192 if self.tiny else 768
+            before = graphs()
+            figures[f"first_fast_{other}_s"] = round(self.image(PROMPT, other, "fast")[0], 4)
+            figures[f"graphs_compiled_by_{other}"] = graphs() - before
+            figures[f"second_fast_{other}_s"] = round(self.image(PROMPT, other, "fast")[0], 4)
             # A restart, as far as one process shows it: the compiled graphs are dropped and compiled
             # again from the on-disk cache.
             torch._dynamo.reset()

@@ -38,6 +38,7 @@ def test_the_gpu_benchmark_runs_every_section_on_the_cpu(tmp_path):
     assert set(report["switch"]) == {"fast_to_balanced_move_s", "first_balanced_job_after_s",
                                      "balanced_to_fast_move_s", "first_fast_job_after_s"}
     assert report["compile"]["graphs_compiled_after_warmup"] == 0
+    assert report["compile"]["first_fast_192_s"] > 0 and report["compile"]["graphs_compiled_by_192"] >= 0
     assert report["compile"]["graphs_compiled_by_mode_switches"] == 0
     assert set(report["compile"]["warmup_cold_s"]) == {"fast 128x128", "fast 64x64"}
     difference = report["fp8"]["vs_reference_image"]

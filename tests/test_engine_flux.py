@@ -238,6 +238,25 @@ def test_compiled_blocks_warm_up_in_fast_mode_and_jobs_of_those_sizes_compile_no
         uncompile_blocks(pipe.transformer)
 
 
+def test_after_two_warm_up_sizes_a_third_size_compiles_nothing():
+    # The second size makes PyTorch mark the image's dimensions dynamic; the graph it compiles
+    # then fits other sizes too. Traced with the eager backend, as the test above explains.
+    from torch._dynamo.utils import counters
+
+    from fluxworker.engines.tuning import uncompile_blocks
+
+    pipe = tiny_flux_pipeline()
+    compiled = FluxEngine.from_pipeline(
+        pipe, device="cpu", dtype=torch.float32, accelerated=True, compile_backend="eager",
+        performance=streaming_performance(pipe, compile=True, start_mode="fast", warmup_sizes=["64x64", "128x64"]))
+    try:
+        graphs = counters["stats"]["unique_graphs"]
+        run(compiled, width=128, height=192, performance_mode="fast")
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        uncompile_blocks(pipe.transformer)
+
+
 def test_a_compiler_that_fails_leaves_the_engine_running_uncompiled(caplog):
     # What a machine without a C compiler does to Triton, told by a backend that raises.
     def broken(graph, example_inputs):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Gathers, on this machine, what the GPU benchmark carries to the device machine: the plain-diffusers
 # reference script and wheels of the packages that machine lacks (it has Python 3.12, PyTorch and
-# transformers' dependencies, but no diffusers, spandrel, pydantic or watchdog, and no network), all in
+# transformers' dependencies, but no diffusers, spandrel, pydantic, watchdog or torchao, and no network), all in
 # .gpu-bench/, which git ignores. Run it once before bench/device_run.sh; it costs no device time.
 #
 #   bench/device_prep.sh [PATH/TO/diffusers_baseline.py]    (default: ../shared/bench/diffusers_baseline.py)
@@ -17,6 +17,7 @@ wheels=(
     diffusers==0.42.1 transformers==5.24.0 regex==2026.11.19 spandrel==0.4.2
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
     typing-extensions==4.16.0 watchdog==7.1.0
+    torchao==0.18.0  # only for the fp8_compute candidate; needs PyTorch 2.11 or newer
 )
 
 [ -f "$baseline" ] || { echo "device_prep.sh: $baseline not found (pass its path)" >&2; exit 2; }

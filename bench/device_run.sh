@@ -7,7 +7,8 @@
 #   OUT=/tmp/out bash bench/device_run.sh       (in a copy of the repository with .gpu-bench/)
 #
 # Measured on an H100: a few seconds installing wheels, 2.6 min reference (1.8 of it the
-# model-offload run), about 3 min benchmark: about 6 min in all, under the 10-minute limit of one command.
+# model-offload run), about 3 min benchmark: about 6 min in all; the candidate sections added since
+# (layouts, fp8_compute) bring it to about 8, under the 10-minute limit of one command.
 # SKIP_BASELINE=1 runs only the benchmark (compare it only with a reference from the same card);
 # BENCH_ARGS passes options to bench/gpu.py (e.g. "--skip fp8").
 set -uo pipefail
@@ -27,6 +28,7 @@ python3 -c 'import sys, torch, diffusers, transformers, accelerate, safetensors,
 import fluxworker.engines.flux, fluxworker.engines.esrgan, fluxworker.engines.lama, fluxworker.worker
 assert torch.cuda.is_available(), "no CUDA device visible"
 print("python", sys.version.split()[0], "torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' || exit 4
+python3 -c 'import torchao; print("torchao", torchao.__version__)' 2>/dev/null || echo "torchao does not import: the fp8_compute section will be skipped"
 
 if [ "${SKIP_BASELINE:-0}" != 1 ]; then
     echo "== plain diffusers reference"
@@ -37,7 +39,7 @@ fi
 
 echo "== bench/gpu.py"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-timeout "${BENCH_TIMEOUT:-320}" python3 bench/gpu.py --budget-s "${BENCH_BUDGET:-290}" ${BENCH_ARGS:-} \
+timeout "${BENCH_TIMEOUT:-370}" python3 bench/gpu.py --budget-s "${BENCH_BUDGET:-330}" ${BENCH_ARGS:-} \
     >"$out/gpu_bench.log" 2>&1
 status=$?
 echo "benchmark exit status $status"

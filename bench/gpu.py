@@ -13,6 +13,7 @@ hands it to ``FluxEngine.from_pipeline`` and measures, at 1024x1024 and 512x512,
 - compiled fast mode: warm-up with an empty and with a filled kernel cache, and how many graphs
   compile after warm-up (0 means no job pays for compiling);
 - float8 storage: speed in both modes, and its difference from bfloat16 for the same seed;
+- float8 compute (torchao, compiled; a candidate, not shipped): speed in fast mode and its difference;
 - the upscaler (512 -> 2048) and LaMa (1024x1024), random weights, through their engines;
 - host <-> device copy bandwidth, which bounds balanced mode.
 
@@ -55,7 +56,8 @@ from fluxworker.engines.placement import GIB, encoder_places, pipeline_modules  
 from fluxworker.engines.streaming import tensor_bytes  # noqa: E402
 from fluxworker.jobs import parse_job  # noqa: E402
 
-SECTIONS = ["bandwidth", "upscale", "erase", "attention", "layouts", "fast", "balanced", "switch", "compile", "fp8"]
+SECTIONS = ["bandwidth", "upscale", "erase", "attention", "layouts", "fast", "balanced", "switch", "compile", "fp8",
+            "fp8_compute"]
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
@@ -460,6 +462,40 @@ class Bench:
         self.engine.placement.use("balanced")
         self.time_mode("balanced", size, "fp8 storage", repeat=max(self.repeat - 3, 1), fresh=0)
 
+    def fp8_compute(self) -> None:
+        """A candidate not shipped: float8 matrix products in the transformer (torchao's dynamic
+        float8 with per-row scales), compiled, in fast mode. It changes the images, as fp8_storage
+        does, but computes in float8 where fp8_storage computes in bfloat16. Needs torchao (carried
+        by device_prep.sh) and a GPU of compute capability 8.9 or newer (Ada, Hopper)."""
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        except ImportError:
+            self.results["skipped"]["fp8_compute"] = "torchao is not installed"
+            return
+        if self.device != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+            self.results["skipped"]["fp8_compute"] = "needs a CUDA GPU of compute capability 8.9 or newer"
+            return
+        from fluxworker.engines.tuning import fuse_qkv
+
+        self.fresh_pipeline()
+        started = time.perf_counter()
+        fuse_qkv(self.pipe.transformer)  # before quantizing: fusing concatenates plain weights
+        quantize_(self.pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        self.sync()
+        figures: dict = {"quantize_s": round(time.perf_counter() - started, 2)}
+        self.results["fp8_compute"] = figures
+        # Everything resident (the streaming code packs plain tensors only), compiled, warmed up.
+        figures["prepare_with_cold_warmup_s"] = round(
+            self.new_engine(fuse_qkv=False, compile=True, balanced_vram_gib=1000.0), 2)
+        figures["warmup_cold_s"] = {k: round(v, 2) for k, v in self.engine.warmup_seconds.items()}
+        figures["compile_error"] = self.engine.compile_error
+        for size in self.sizes:
+            self.time_mode("fast", size, "fp8 compute compiled", fresh=1)
+        if self.reference_image is not None:
+            _, image = self.image(PROMPT, self.sizes[0], "fast", seed=11)
+            figures["vs_reference_image"] = {
+                **self.compare(image), "note": "random weights: a numerics check, not a quality one"}
+
 
 def main() -> int:
     out = os.environ.get("OUT")
@@ -469,7 +505,7 @@ def main() -> int:
     parser.add_argument("--chart", default=str(Path(out or ".") / "gpu_bench.png"))
     parser.add_argument("--baseline", type=Path, default=Path(out) / "diffusers_baseline.jsonl" if out else None,
                         help="the plain-diffusers reference's JSON lines, for the chart")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="skip sections that would not fit")
+    parser.add_argument("--budget-s", type=float, default=360.0, help="skip sections that would not fit")
     parser.add_argument("--skip", help=f"comma-separated sections to leave out: {', '.join(SECTIONS)}")
     parser.add_argument("--balanced-gib", type=float, help="performance.balanced_vram_gib (default: the shipped one)")
     args = parser.parse_args()
@@ -488,7 +524,8 @@ def main() -> int:
         for name, need, run in (("attention", 20, bench.attention), ("layouts", 10, bench.layouts),
                                 ("fast", 40, bench.fast),
                                 ("balanced", 60, bench.balanced), ("switch", 20, bench.switch),
-                                ("compile", 120, bench.compile), ("fp8", 60, bench.fp8)):
+                                ("compile", 120, bench.compile), ("fp8", 60, bench.fp8),
+                                ("fp8_compute", 90, bench.fp8_compute)):
             bench.section(name, need, run)
     if not bench.tiny:
         bench.results["targets"] = targets(bench.results)

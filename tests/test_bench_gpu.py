@@ -24,7 +24,9 @@ def test_the_gpu_benchmark_runs_every_section_on_the_cpu(tmp_path):
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "gpu_bench.json").read_text())
-    assert report["tiny"] and report["errors"] == {} and report["skipped"] == {}
+    assert report["tiny"] and report["errors"] == {}
+    # float8 matrix products need a GPU of compute capability 8.9 or newer: the one section a CPU skips
+    assert set(report["skipped"]) == {"fp8_compute"}
     assert report["reference"]["fast_1024"]["median_s"] == 0.82
     rows = {(row["variant"], row["mode"], row["size"]) for row in report["flux"]}
     for mode in ("fast", "balanced"):

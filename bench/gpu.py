@@ -61,6 +61,21 @@ SECTIONS = ["bandwidth", "upscale", "erase", "attention", "layouts", "fast", "ba
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
+def layout_variants(module, *, shipped):
+    """Puts ``module`` in each memory layout, with cuDNN's autotuner off and on, and yields each
+    variant's name while it is set; afterwards the module is in the ``shipped`` layout again and
+    the autotuner off."""
+    try:
+        for layout, memory_format in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+            module.to(memory_format=memory_format)
+            for tuned in (False, True):
+                torch.backends.cudnn.benchmark = tuned
+                yield f"{layout}, cudnn benchmark" if tuned else layout
+    finally:
+        torch.backends.cudnn.benchmark = False
+        module.to(memory_format=shipped)
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -275,47 +290,27 @@ class Bench:
         channels_last, and cuDNN's autotuner (which times the convolution algorithms for each new
         shape once). Measured here first; shipped only if they win. The engine is left as it was."""
         network = engine.model.model  # spandrel's descriptor holds the torch module
-        figures = {}
-        try:
-            for layout, memory_format in (("channels_last", torch.channels_last),
-                                          ("contiguous", torch.contiguous_format)):
-                network.to(memory_format=memory_format)
-                for tuned in (False, True):
-                    torch.backends.cudnn.benchmark = tuned
-                    name = f"{layout}, cudnn benchmark" if tuned else layout
-                    figures[name] = round(engine_bench.time_runs(engine, job, self.repeat, self.device)["median_s"], 4)
-        finally:
-            torch.backends.cudnn.benchmark = False
-            network.to(memory_format=torch.contiguous_format)
-        return figures
+        return {name: round(engine_bench.time_runs(engine, job, self.repeat, self.device)["median_s"], 4)
+                for name in layout_variants(network, shipped=torch.contiguous_format)}
 
     def layouts(self) -> None:
         """The VAE decode (the end of every image) in each memory layout, with and without cuDNN's
         autotuner: whether ``vae_channels_last`` pays on this card."""
         vae, size = self.pipe.vae, self.sizes[0]
         latents = torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=self.device, dtype=self.dtype)
+        shipped = self.engine.performance.vae_channels_last and self.device == "cuda"
         figures: dict = {"size": size}
-        try:
-            with torch.inference_mode():
-                for layout, memory_format in (("channels_last", torch.channels_last),
-                                              ("contiguous", torch.contiguous_format)):
-                    vae.to(memory_format=memory_format)
-                    for tuned in (False, True):
-                        torch.backends.cudnn.benchmark = tuned
-                        times = []
-                        for attempt in range(2 + self.repeat):
-                            self.sync()
-                            started = time.perf_counter()
-                            vae.decode(latents, return_dict=False)
-                            self.sync()
-                            if attempt >= 2:
-                                times.append(time.perf_counter() - started)
-                        name = f"{layout}, cudnn benchmark" if tuned else layout
-                        figures[name] = round(statistics.median(times) * 1000, 2)
-        finally:
-            torch.backends.cudnn.benchmark = False
-            shipped = self.engine.performance.vae_channels_last and self.device == "cuda"
-            vae.to(memory_format=torch.channels_last if shipped else torch.contiguous_format)
+        with torch.inference_mode():
+            for name in layout_variants(vae, shipped=torch.channels_last if shipped else torch.contiguous_format):
+                times = []
+                for attempt in range(2 + self.repeat):
+                    self.sync()
+                    started = time.perf_counter()
+                    vae.decode(latents, return_dict=False)
+                    self.sync()
+                    if attempt >= 2:
+                        times.append(time.perf_counter() - started)
+                figures[name] = round(statistics.median(times) * 1000, 2)
         self.results["vae_decode_ms"] = figures
 
     def build(self) -> None:

@@ -26,7 +26,7 @@ from .errors import JobError
 from .inbox import Inbox, read_json
 from .jobs import is_valid_id, parse_job, spec_json
 from .openapi import openapi_document
-from .replies import ApiError, json_response
+from .replies import ApiError, error_json, json_response
 from .statusfile import process_alive
 from .waiter import CompletionWaiter
 
@@ -74,7 +74,7 @@ class JsonBottle(bottle.Bottle):
         bottle.response.content_type = "application/json"
         code = codes.get(res.status_code, "http_error")
         message = messages.get(res.status_code, str(res.body or res.status_line))
-        return json.dumps({"error": {"code": code, "message": message, "field": None}})
+        return error_json(code, message)
 
 
 class Api:

@@ -34,3 +34,9 @@ def json_response(status: int, body: dict, headers: dict | None = None) -> bottl
     response = bottle.HTTPResponse(json.dumps(body), status=status, headers=headers or {})
     response.content_type = "application/json"
     return response
+
+
+def error_json(code: str, message: str) -> str:
+    """The body of an error answer that concerns no single field (a bad path or method, a
+    malformed request), in the shape every error answer has."""
+    return json.dumps({"error": JobError(code, message).to_dict()})

@@ -9,7 +9,6 @@ job id (the jobs stay queued).
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import signal
 import sys
@@ -20,6 +19,7 @@ from cheroot import wsgi
 
 from .config import Config
 from .http import Api, read_api_key
+from .replies import error_json
 from .systemd import notify
 from .wakeup import Waker
 from .worker import run_worker
@@ -71,7 +71,7 @@ class _JsonErrorRequest(cheroot_server.HTTPRequest):
         origin = self.inheaders.get(b"Origin")
         cors = getattr(self.server.wsgi_app, "cors", None)
         headers = cors.headers(origin.decode("latin-1") if origin else None) if cors is not None else []
-        body = json.dumps({"error": {"code": error_code, "message": message, "field": None}}).encode()
+        body = error_json(error_code, message).encode()
         head = [f"{self.server.protocol} {status}", f"Content-Length: {len(body)}", "Content-Type: application/json",
                 *(f"{name}: {value}" for name, value in headers), "Connection: close"]
         # Every caller of simple_response ends the connection after it.

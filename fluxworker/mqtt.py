@@ -364,6 +364,11 @@ class MqttBridge:
             log.error("mqtt: cannot store a message from %s (%s); the broker delivers it again after the "
                       "next reconnection", msg.topic, exc)
             return
+        except Exception as exc:  # a bug: refuse and acknowledge, or the message comes back at every reconnection
+            log.exception("mqtt: unexpected error while handling a message on %s; it is refused", msg.topic)
+            self._refuse(Outcome("refused", None, error=JobError(
+                "internal_error", f"the worker could not handle this message ({type(exc).__name__}); "
+                "see the worker's log")))
         self.client.ack(msg.mid, msg.qos)
 
     def _took(self, outcome: Outcome, topic: str) -> None:

@@ -203,6 +203,39 @@ def test_bad_messages_are_refused_with_an_error_and_acknowledged(broker, probe_f
     probe.client.publish("fluxworker/jobs", b"", qos=1, retain=True).wait_for_publish(5)
 
 
+def test_a_message_that_meets_a_bug_is_refused_acknowledged_and_the_next_job_runs(
+        broker, probe_factory, bridge_factory, monkeypatch, caplog):
+    probe = probe_factory(broker)
+    bridge = bridge_factory(broker, share_group=None)
+    online(probe)
+    take = bridge.intake.take
+    calls = []
+
+    def take_with_a_bug_once(msg, *args):
+        calls.append(msg.payload)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the intake")
+        return take(msg, *args)
+
+    monkeypatch.setattr(bridge.intake, "take", take_with_a_bug_once)
+    probe.publish("fluxworker/jobs", {"id": "unlucky", "prompt": "a fox", "width": 64, "height": 64})
+    error = probe.wait_message("fluxworker/errors").json()
+    assert error["error"]["code"] == "internal_error" and "RuntimeError" in error["error"]["message"]
+    assert "a bug in the intake" in caplog.text
+    probe.publish("fluxworker/jobs", {"id": "next", "prompt": "a fox", "width": 64, "height": 64})
+    probe.wait_message("fluxworker/jobs/next/status")
+
+    # It was acknowledged: a new session of the same client does not get it again.
+    bridge.stop()
+    monkeypatch.undo()
+    probe.messages.clear()
+    bridge = bridge_factory(broker, share_group=None)
+    online(probe)
+    time.sleep(1.0)
+    assert probe.received("fluxworker/errors") == [] and probe.received("fluxworker/jobs/unlucky/status") == []
+    assert sorted(p.name for p in bridge.inbox.root.glob("*.json")) == ["next.json"]
+
+
 def test_results_produced_while_the_broker_is_down_are_delivered_after_it_returns(
         broker, probe_factory, bridge_factory):
     listener = probe_factory(broker, topics=["fluxworker/jobs/+/result"], session="listener")

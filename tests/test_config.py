@@ -51,8 +51,9 @@ def test_hub_id_is_kept_as_a_hub_id(tmp_path):
 @pytest.mark.parametrize(
     "data, key, fragment",
     [
-        ({"paths": {"inboxx": "x"}}, "paths.inboxx", "unknown key"),
-        ({"nonsense": 1}, "nonsense", "unknown key"),
+        ({"paths": {"inboxx": "x"}}, "paths.inboxx", "unknown key (got 'x')"),
+        ({"nonsense": 1}, "nonsense", "unknown key (got 1)"),
+        ({"http": {"api_kee": "s3cret"}}, "http.api_kee", "unknown key (the value is not shown"),
         ({"limits": {"max_width": 100}}, "limits.max_width", "got 100"),
         ({"limits": {"max_width": "big"}}, "limits.max_width", "got 'big'"),
         ({"models": {"device": "tpu"}}, "models.device", "got 'tpu'"),

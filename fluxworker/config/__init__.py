@@ -73,7 +73,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {key}: unknown key ({_shown(item)})")
         elif item["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         elif item["loc"] and item["loc"][-1] in SECRET_KEYS:
@@ -81,6 +81,16 @@ def _format_errors(error: ValidationError, source: str) -> str:
         else:
             lines.append(f"  {key}: {item['msg']} (got {item['input']!r})")
     return "\n".join(lines)
+
+
+def _shown(item: dict) -> str:
+    """An unknown key's value for its error: shortened, and hidden when the key may hold a secret
+    (a misspelt ``api_key`` or password)."""
+    name = str(item["loc"][-1]).lower() if item["loc"] else ""
+    if any(word in name for word in ("key", "kee", "pas", "secret", "token", "cred")):
+        return "the value is not shown: it may be a secret"
+    text = repr(item["input"])
+    return f"got {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def parse_config(data: Any, base: Path, source: str = "config") -> Config:

@@ -88,7 +88,7 @@ def cmd_tiny_models(args) -> int:
     from .tiny import write_tiny_models
 
     started = time.monotonic()
-    path = write_tiny_models(args.dir)
+    path = write_tiny_models(args.dir, with_lama=args.with_lama)
     print(f"tiny models written in {time.monotonic() - started:.1f}s; config: {path}")
     return 0
 
@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-models", help="write tiny random models and DIR/config.yaml")
     p.add_argument("dir")
+    p.add_argument("--with-lama", action="store_true", help="also write a LaMa with random weights (about 205 MB)")
     p.set_defaults(func=cmd_tiny_models)
 
     p = sub.add_parser("demo", help="serve the tiny models, send a real request, print the image path")

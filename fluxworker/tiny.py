@@ -9,7 +9,7 @@ but every code path runs for real. Tests, the demo and the benchmarks use these 
 
 LaMa's architecture is fixed (51 M parameters, about 205 MB in any format), too big to write by
 default: :func:`write_random_lama` writes one with random weights where a test or a benchmark
-needs it.
+needs it, and ``fluxworker tiny-models --with-lama`` adds one to the tiny models.
 """
 
 from __future__ import annotations
@@ -182,19 +182,25 @@ def tiny_config(root: Path) -> dict:
     }
 
 
-def write_tiny_models(root: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Write the tiny models and ``root/config.yaml``; return the config's path."""
+def write_tiny_models(root: str | os.PathLike, *, seed: int = 0, with_lama: bool = False) -> Path:
+    """Write the tiny models and ``root/config.yaml``; return the config's path. ``with_lama`` adds
+    a LaMa with random weights (``root/lama.safetensors``, about 205 MB) and configures it."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     build_tiny_flux(seed).save_pretrained(root / "flux", safe_serialization=True)
     write_esrgan(root / "esrgan.pth", seed=seed)
     for folder in ("inbox", "outputs"):
         (root / folder).mkdir(exist_ok=True)
-    header = (
-        "# Tiny random models for tests and the demo: written by `fluxworker tiny-models`.\n"
-        "# models.lama is null: LaMa (about 205 MB) is not written here; point it at big-lama.pt to erase.\n"
-    )
-    return write_config(root, tiny_config(root), header=header)
+    header = "# Tiny random models for tests and the demo: written by `fluxworker tiny-models`.\n"
+    data = tiny_config(root)
+    if with_lama:
+        write_random_lama(root / "lama.safetensors", seed=seed)
+        data["models"]["lama"] = "./lama.safetensors"
+        header += "# models.lama is a LaMa with random weights (--with-lama): it erases with noise.\n"
+    else:
+        header += ("# models.lama is null: LaMa (about 205 MB) is not written here; point it at big-lama.pt "
+                   "to erase,\n# or write a random one with `fluxworker tiny-models DIR --with-lama`.\n")
+    return write_config(root, data, header=header)
 
 
 def write_config(folder: Path, data: dict, *, header: str = "", **sections: dict) -> Path:

@@ -1,5 +1,8 @@
 """The tiny models and config written by ``fluxworker tiny-models``."""
 
+import subprocess
+import sys
+
 import torch
 
 from fluxworker.config import load_config
@@ -24,3 +27,14 @@ def test_tiny_esrgan_is_a_small_rrdbnet_in_the_real_params_ema_format(tiny_dir):
     assert path.stat().st_size < 2_000_000
     model = load_model_file(path, "models.esrgan", purpose="SR", scale=4)
     assert model.tags == ["16nf", "1nb"]
+
+
+def test_tiny_models_with_lama_writes_and_configures_a_random_lama(tmp_path):
+    folder = tmp_path / "models"
+    result = subprocess.run([sys.executable, "-m", "fluxworker", "tiny-models", str(folder), "--with-lama"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    config = load_config(folder / "config.yaml")
+    assert config.models.lama == folder / "lama.safetensors"
+    model = load_model_file(config.models.lama, "models.lama", purpose="Inpainting")
+    assert type(model.model).__name__ == "LaMa"

@@ -3,18 +3,22 @@
 Two kinds of results are owed:
 - MQTT requests, recorded durably by :class:`.mqtt_intake.PendingResults` (one file per request,
   removed once the broker has acknowledged every result message);
-- jobs from the inbox or HTTP that finished while the broker was unreachable: their ids are kept
-  in memory (bounded), and their results go out at the next connection, as they would have gone
-  out while connected. The completion records on disk stay the source of truth: a job whose record
-  is gone by then is skipped.
+- jobs from the inbox or HTTP that finished while the broker was unreachable: one empty file per
+  job in ``inbox/mqtt/missed/`` (bounded), so that a restart of the worker while the broker is away
+  keeps them, and their results go out at the next connection, as they would have gone out while
+  connected. The completion records on disk stay the source of truth: a job whose record is gone
+  by then is skipped.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
+from pathlib import Path
 
 from .inbox import Inbox
+from .jobs import is_valid_id
 from .mqtt_intake import Owed, PendingResults
 
 log = logging.getLogger(__name__)
@@ -31,9 +35,30 @@ class Deliveries:
         self.missed_limit = missed_limit
         self.inflight: dict[int, Owed | None] = {}  # mid of a tracked message -> the request it answers
         self.unacked: dict[str, int] = {}  # job id -> its result messages the broker has not acknowledged
+        self.missed_folder = inbox.root / "mqtt" / "missed"
         self.missed: OrderedDict[str, None] = OrderedDict()  # finished while disconnected, oldest first
         self._overflow_logged = False
         self._absent: set[str] = set()  # pending jobs found nowhere at the last look
+        self._load_missed()
+
+    def _load_missed(self) -> None:
+        """The jobs a previous run could not report, oldest first."""
+        try:
+            entries = [entry for entry in os.scandir(self.missed_folder) if is_valid_id(entry.name)]
+        except FileNotFoundError:
+            return
+        for entry in sorted(entries, key=lambda entry: entry.stat(follow_symlinks=False).st_mtime_ns):
+            self.missed[entry.name] = None
+        if self.missed:
+            log.info("mqtt: %d job(s) that finished while the broker was unreachable are reported at the "
+                     "next connection", len(self.missed))
+
+    def _marker(self, job_id: str) -> Path:
+        return self.missed_folder / job_id
+
+    def _forget(self, job_id: str) -> None:
+        self.missed.pop(job_id, None)
+        self._marker(job_id).unlink(missing_ok=True)
 
     def track(self, mid: int, owed: Owed | None) -> None:
         """A published message to wait for; with ``owed``, it counts towards settling that request."""
@@ -63,11 +88,19 @@ class Deliveries:
         self.unacked.clear()
 
     def miss(self, job_id: str) -> None:
-        """A job finished while its results could not go out."""
+        """A job finished while its results could not go out. Its marker file is not synced to disk:
+        it is for a restart of the worker, not of the machine."""
         self.missed[job_id] = None
         self.missed.move_to_end(job_id)
+        try:
+            self.missed_folder.mkdir(parents=True, exist_ok=True)
+            self._marker(job_id).touch()
+        except OSError as exc:
+            log.warning("mqtt: cannot note that job %s is still to be reported (%s): it is reported at the "
+                        "next connection unless the worker restarts before", job_id, exc)
         while len(self.missed) > self.missed_limit:
-            dropped, _ = self.missed.popitem(last=False)
+            dropped = next(iter(self.missed))
+            self._forget(dropped)
             if not self._overflow_logged:
                 log.warning("mqtt: more than %d jobs finished while the broker was unreachable; the oldest "
                             "(%s first) are not reported on MQTT (their records are in outputs/)",
@@ -76,7 +109,8 @@ class Deliveries:
 
     def sent(self, job_id: str) -> None:
         """The results of a missed job went out."""
-        self.missed.pop(job_id, None)
+        if job_id in self.missed:
+            self._forget(job_id)
 
     def due(self) -> list[str]:
         """Jobs whose results should go out now: finished, owed, and not on their way already.
@@ -107,7 +141,7 @@ class Deliveries:
             if self.inbox.completion_path(job_id).exists():
                 due.append(job_id)
             else:
-                self.missed.pop(job_id, None)  # its record is gone: nothing to report any more
+                self._forget(job_id)  # its record is gone: nothing to report any more
         return due
 
 

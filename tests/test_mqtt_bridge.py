@@ -291,6 +291,36 @@ def test_inbox_jobs_finished_while_the_broker_is_down_are_reported_and_the_retai
     assert image.retain
 
 
+def test_inbox_jobs_finished_while_the_broker_is_down_are_reported_after_a_restart_of_the_worker(
+        broker, probe_factory, bridge_factory):
+    listener = probe_factory(broker, topics=["fluxworker/jobs/+/result"], session="listener")
+    bridge = bridge_factory(broker)
+    wait_for(lambda: bridge.client.is_connected(), timeout=20, what="the bridge connected")
+    broker.wait_saved()  # the listener's session survives the SIGKILL
+
+    broker.kill()
+    wait_for(lambda: not bridge.client.is_connected(), timeout=20, what="the bridge to see the broker gone")
+    for job_id in ("gone-1", "gone-2"):
+        queue_from_the_inbox(bridge, job_id)
+        finish_like_the_worker(bridge, job_id)
+    bridge.stop()  # the worker restarts while the broker is still away
+    assert sorted(p.name for p in (bridge.inbox.root / "mqtt" / "missed").iterdir()) == ["gone-1", "gone-2"]
+    bridge = bridge_factory(broker)
+    broker.start()
+
+    results = listener.wait_for(lambda p: {m["id"] for m in p.payloads("fluxworker/jobs/+/result")} >= {
+        "gone-1", "gone-2"} and p.payloads("fluxworker/jobs/+/result"), timeout=30)
+    assert all(r["status"] == "done" for r in results)
+    wait_for(lambda: not any((bridge.inbox.root / "mqtt" / "missed").iterdir()), timeout=10,
+             what="the reported jobs forgotten")
+    listener.messages.clear()
+    bridge.stop()
+    bridge = bridge_factory(broker)  # reported once: a later start has nothing to send again
+    wait_for(lambda: bridge.client.is_connected(), timeout=20, what="the bridge connected")
+    time.sleep(1.0)
+    assert listener.received("fluxworker/jobs/+/result") == []
+
+
 def test_inbox_jobs_report_queued_running_then_their_result_like_mqtt_jobs(broker, probe_factory, bridge_factory):
     probe = probe_factory(broker, topics=["fluxworker/jobs/+/status"])
     bridge = bridge_factory(broker)

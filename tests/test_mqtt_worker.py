@@ -41,11 +41,13 @@ def one_torch_thread_per_worker():
         yield
 
 
-# -- one broker and one worker for the tests that do not restart them ---------------------------
+# -- a broker and a worker of its own for each test that does not restart them -----------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def studio(tmp_path_factory, tiny_dir):
+    """A fresh broker (own config and persistence folder, free port) and worker for one test, so
+    that no test sees another's retained messages, sessions or jobs."""
     folder = tmp_path_factory.mktemp("mqtt-studio")
     broker = Broker(folder / "broker").start()
     config = write_config(folder, tiny_dir, mqtt=mqtt_section(

@@ -3,9 +3,10 @@
 # Idempotent: running it again upgrades the package and the units and keeps config and outputs.
 #
 #   sudo deploy/install.sh [--no-start] [--user NAME] [--prefix DIR] [--config-dir DIR]
-#                          [--data-dir DIR] [--cache-dir DIR] [--unit-dir DIR] [--pip-args "ARGS"]
+#                          [--data-dir DIR] [--cache-dir DIR] [--unit-dir DIR] [--bin-dir DIR]
+#                          [--pip-args "ARGS"]
 #                          [--python PYTHON]   # Python >= 3.11 for the venv (or PYTHON=...); default python3
-#   sudo deploy/install.sh --uninstall    # removes the units and the venv; keeps config and outputs
+#   sudo deploy/install.sh --uninstall    # removes the units, the venv and the command; keeps config and outputs
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +16,7 @@ config_dir=/etc/fluxworker
 data_dir=/var/lib/fluxworker
 cache_dir=/var/cache/fluxworker
 unit_dir=/etc/systemd/system
+bin_dir=/usr/local/bin  # where the fluxworker command is linked, so that it is on PATH
 pip_args=""
 start=1
 uninstall=0
@@ -31,6 +33,7 @@ while (($#)); do
         --data-dir) data_dir=$2; shift ;;
         --cache-dir) cache_dir=$2; shift ;;
         --unit-dir) unit_dir=$2; shift ;;
+        --bin-dir) bin_dir=$2; shift ;;
         --pip-args) pip_args=$2; shift ;;
         --python) python=$2; shift ;;
         --no-start) start=0 ;;
@@ -66,6 +69,10 @@ if [ "$uninstall" = 1 ]; then
         rm -f "$unit_dir/$unit"
     done
     if on_this_system; then systemctl daemon-reload; fi
+    if [ "$(readlink "$bin_dir/fluxworker" 2>/dev/null)" = "$prefix/venv/bin/fluxworker" ]; then
+        rm -f "$bin_dir/fluxworker"
+        say "removed the link $bin_dir/fluxworker"
+    fi
     rm -rf "$prefix/venv"
     rmdir "$prefix" 2>/dev/null || true
     say "removed the units and $prefix/venv"
@@ -102,6 +109,14 @@ fi
 # shellcheck disable=SC2086  # pip_args is a list of options
 "$prefix/venv/bin/python" -m pip install --quiet $pip_args "$src"
 say "installed fluxworker $("$prefix/venv/bin/python" -c 'import fluxworker; print(fluxworker.__version__)')"
+# The command on PATH (also sudo's secure_path), for status, info and check-config.
+install -d -m 0755 "$bin_dir"
+if [ -e "$bin_dir/fluxworker" ] && [ ! -L "$bin_dir/fluxworker" ]; then
+    say "left $bin_dir/fluxworker alone: it is not a link (use $prefix/venv/bin/fluxworker)"
+else
+    ln -sfn "$prefix/venv/bin/fluxworker" "$bin_dir/fluxworker"
+    say "linked $bin_dir/fluxworker to $prefix/venv/bin/fluxworker"
+fi
 
 # 4. The config, once: the shipped one with the folders and weight files under $data_dir.
 #    Never overwritten.

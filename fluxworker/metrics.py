@@ -43,6 +43,9 @@ class JobMetrics:
 
     def record(self, *, job_type: str, engine: str, transport: str, outcome: str, run_s: float,
                steps: int | None) -> None:
+        """Count one job. ``run_s`` is the engine's time alone (the completion record's
+        ``timings.run_s``), and ``steps`` the progress it reported: denoising steps for FLUX, but
+        tiles for the upscaler and stages for LaMa, so only FLUX's set the steps per second."""
         with self._lock:
             self._record(job_type, engine, transport, outcome, run_s, steps)
 
@@ -59,7 +62,7 @@ class JobMetrics:
             hist["buckets"][i] += 1
         hist["count"] += 1
         hist["sum"] += run_s
-        if steps and run_s > 0 and outcome == "done":
+        if steps and run_s > 0 and outcome == "done" and job_type == "generate" and engine == "flux":
             self.steps_per_second = steps / run_s
         self.gpu = _gpu_memory()
 
@@ -135,7 +138,7 @@ class _SnapshotCollector:
         yield ready
 
         if data.get("steps_per_second") is not None:
-            speed = GaugeMetricFamily("fluxworker_steps_per_second", "Denoising steps per second of the last job.")
+            speed = GaugeMetricFamily("fluxworker_steps_per_second", "Denoising steps per second of the last FLUX job.")
             speed.add_metric([], data["steps_per_second"])
             yield speed
         load = GaugeMetricFamily("fluxworker_model_load_seconds", "Time each engine took to load.",

@@ -93,5 +93,13 @@ def enforce(inbox: Inbox, max_age_s: float | None, max_total_bytes: int | None,
                 pass
     if removed:
         freed = sum(g.size for g in doomed)
-        log.info("retention removed %d file(s) of %d job(s), %.1f MB", len(removed), len(doomed), freed / 1e6)
+        log.info("retention removed %d file(s) of %d job(s), %.1f MB: %s", len(removed), len(doomed), freed / 1e6,
+                 _listing([f"{path.parent.name}/{path.name}" for path in removed]))
     return removed
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    """The names, up to ``limit`` of them: the log says what went without growing without bound."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"

@@ -56,6 +56,7 @@ class _Finished:
     result: Result | None
     started: float
     steps: int | None
+    run_s: float  # the engine's time alone: the metrics count it, not the writing of the results
 
 
 class StopNow(Exception):
@@ -318,7 +319,8 @@ class Worker:
         # Held back until the next job starts, or the batch ends: the finishing work would slow the
         # way to the next job (see Finisher.hold).
         self._finishing.add(job.id)
-        self.finisher.hold(path.name, _Finished(job, path, record, result, started, progress["step"] or None))
+        run_s = record.get("timings", {}).get("run_s", time.monotonic() - started)
+        self.finisher.hold(path.name, _Finished(job, path, record, result, started, progress["step"] or None, run_s))
         # The status says "running" until the next job replaces it, or the loop finds the queue
         # empty and says "idle" (see _settle_status): one write fewer per job in a busy queue.
 
@@ -348,7 +350,7 @@ class Worker:
         elapsed = time.monotonic() - done.started
         self.metrics.model_load_seconds = dict(self.engines.load_seconds)
         self.metrics.record(job_type=job.type, engine=job.engine, transport=job.spec.transport,
-                            outcome=record["status"], run_s=elapsed, steps=done.steps)
+                            outcome=record["status"], run_s=done.run_s, steps=done.steps)
         self.metrics.save()
         for listener in self.finish_listeners:
             listener(record)

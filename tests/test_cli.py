@@ -1,8 +1,13 @@
-"""The command line's own behaviour: the progress bar of ``submit --wait``, the demo's service process."""
+"""The command line's own behaviour: the progress bar of ``submit --wait``, the demo's service process,
+what ``check-config`` says about the systemd unit."""
 
 import io
 
-from fluxworker.cli import _ProgressBar
+import pytest
+
+from conftest import ROOT, write_config
+from fluxworker import preflight
+from fluxworker.cli import _ProgressBar, main
 
 
 class Terminal(io.StringIO):
@@ -65,3 +70,43 @@ def test_a_killed_demo_leaves_no_service_behind(tmp_path, tiny_dir):
         demo.kill()
         for pid in service_pids():
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def unit_dir(tmp_path, monkeypatch):
+    """systemd's unit folders, empty: check-config compares with the shipped unit until one is installed."""
+    folder = tmp_path / "etc" / "systemd" / "system"
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(preflight, "UNIT_DIRS", (str(folder),))
+    return folder
+
+
+def check_config(folder, tiny_dir, capsys, stop_timeout) -> str:
+    config = write_config(folder, tiny_dir, worker={"stop_timeout": stop_timeout})
+    assert main(["check-config", "--config", str(config)]) == 0
+    return capsys.readouterr().err
+
+
+def test_check_config_warns_when_the_unit_would_kill_the_worker_before_its_stop_timeout(tmp_path, tiny_dir, capsys,
+                                                                                       unit_dir):
+    assert "stop_timeout" not in check_config(tmp_path, tiny_dir, capsys, 600)
+    warning = check_config(tmp_path, tiny_dir, capsys, 3600)
+    assert "warning: worker.stop_timeout: 3600 s" in warning and "660 s" in warning
+    assert "sudo systemctl edit fluxworker-worker" in warning and "TimeoutStopSec=3660" in warning
+
+
+def test_check_config_reads_the_installed_unit_and_its_drop_ins(tmp_path, tiny_dir, capsys, unit_dir):
+    (unit_dir / "fluxworker-worker.service").write_text((ROOT / "deploy" / "fluxworker-worker.service").read_text())
+    (unit_dir / "fluxworker-worker.service.d").mkdir()
+    dropin = unit_dir / "fluxworker-worker.service.d" / "override.conf"
+    dropin.write_text("[Service]\nTimeoutStopSec=1h\n")
+    warning = check_config(tmp_path, tiny_dir, capsys, 3600)
+    assert f"3600 s after asking it to stop (TimeoutStopSec in {dropin})" in warning
+    dropin.write_text("[Service]\nTimeoutStopSec=1h 5min\n")
+    assert "stop_timeout" not in check_config(tmp_path, tiny_dir, capsys, 3600)
+
+
+def test_the_shipped_stop_timeout_is_the_worker_units():
+    unit = (ROOT / "deploy" / "fluxworker-worker.service").read_text()
+    value = next(line for line in unit.splitlines() if line.startswith("TimeoutStopSec=")).split("=", 1)[1]
+    assert preflight.parse_timespan(value) == preflight.SHIPPED_TIMEOUT_STOP_S

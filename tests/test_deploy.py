@@ -68,6 +68,7 @@ def install_root(tmp_path):
     dirs = {
         "--prefix": root / "opt", "--config-dir": root / "etc", "--data-dir": root / "var" / "lib",
         "--cache-dir": root / "var" / "cache", "--unit-dir": root / "sysroot" / "etc" / "systemd" / "system",
+        "--bin-dir": root / "usr" / "local" / "bin",
     }
     # The venv borrows this test run's packages through a .pth file, so that installing needs no
     # download; the script then installs fluxworker itself into it, as it would on a real machine.
@@ -100,8 +101,12 @@ def test_install_script_is_idempotent_and_uninstall_keeps_the_outputs(install_ro
              unit_dir / "fluxworker.target.wants" / "fluxworker-worker.service",
              unit_dir / "fluxworker.target.wants" / "fluxworker-api.service"]
     assert all(link.is_symlink() for link in links)  # enabled although not started
+    fluxworker = dirs["--prefix"] / "venv" / "bin" / "fluxworker"
+    command = dirs["--bin-dir"] / "fluxworker"  # on PATH, for `sudo -u fluxworker fluxworker status`
+    assert os.readlink(command) == str(fluxworker)
     second = run_install(args)
     assert second.returncode == 0, second.stdout + second.stderr
+    assert os.readlink(command) == str(fluxworker)
 
     entry = pwd.getpwnam(user)
     data = dirs["--data-dir"]
@@ -113,8 +118,7 @@ def test_install_script_is_idempotent_and_uninstall_keeps_the_outputs(install_ro
     assert loaded["paths"] == {"inbox": str(data / "inbox"), "outputs": str(data / "outputs")}
     assert loaded["models"]["esrgan"] == str(data / "models" / "RealESRGAN_x4plus.pth")
     assert loaded["models"]["lama"] == str(data / "models" / "big-lama.pt")
-    fluxworker = dirs["--prefix"] / "venv" / "bin" / "fluxworker"
-    check = subprocess.run([str(fluxworker), "check-config", "--config", str(config)], capture_output=True,
+    check = subprocess.run([str(command), "check-config", "--config", str(config)], capture_output=True,
                            text=True, timeout=120)
     assert check.returncode == 0, check.stderr
 
@@ -137,7 +141,20 @@ def test_install_script_is_idempotent_and_uninstall_keeps_the_outputs(install_ro
     assert not any(unit.exists() for unit in units)
     assert not any(link.is_symlink() for link in links)
     assert not (dirs["--prefix"] / "venv").exists()
+    assert not command.is_symlink()
     assert (data / "outputs" / "keep-me.png").exists() and config.exists()
+
+
+@needs_root
+def test_install_leaves_a_fluxworker_command_that_is_not_its_link_alone(install_root):
+    args, dirs, _user = install_root
+    dirs["--bin-dir"].mkdir(parents=True)
+    (dirs["--bin-dir"] / "fluxworker").write_text("#!/bin/sh\necho mine\n")
+    installed = run_install(args)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert "left" in installed.stdout and not (dirs["--bin-dir"] / "fluxworker").is_symlink()
+    assert run_install([*args, "--uninstall"]).returncode == 0
+    assert (dirs["--bin-dir"] / "fluxworker").read_text() == "#!/bin/sh\necho mine\n"
 
 
 @needs_root

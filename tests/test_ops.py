@@ -11,7 +11,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ServerProcess, drop, run_cli, wait_for, wait_record, write_config
+from conftest import ServerProcess, drop, png_b64, run_cli, wait_for, wait_record, write_config
 from fluxworker.inbox import Inbox
 from fluxworker.metadata import read_parameters
 from fluxworker.retention import enforce
@@ -20,7 +20,7 @@ from fluxworker.retention import enforce
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_dir):
     folder = tmp_path_factory.mktemp("ops")
-    server = ServerProcess(write_config(folder, tiny_dir)).start()
+    server = ServerProcess(write_config(folder, tiny_dir, models={"esrgan": str(tiny_dir / "esrgan.pth")})).start()
     yield server
     server.kill()
 
@@ -58,6 +58,31 @@ def test_metrics_parse_and_move_with_jobs(server):
     assert sample(after, "fluxworker_worker_ready") == 1
     assert sample(after, "fluxworker_model_load_seconds", engine="flux") > 0
     assert sample(after, "fluxworker_steps_per_second") > 0
+
+
+def test_steps_per_second_is_flux_steps_over_the_engine_time_and_an_upscale_leaves_it(server):
+    def counted(values, job_type, engine):
+        return sample(values, "fluxworker_jobs_total", type=job_type, engine=engine, transport="http", outcome="done")
+
+    before = scrape(server)
+    body = requests.post(server.url + "/generate", json={"prompt": "speed", "width": 64, "height": 64,
+                                                         "num_inference_steps": 3}, timeout=60).json()
+    run_s = wait_record(server.folder / "outputs", body["id"])["timings"]["run_s"]
+    after = wait_for(lambda: (v := scrape(server)) and counted(v, "generate", "flux") > counted(
+        before, "generate", "flux") and v, timeout=30, what="the generate job in the metrics")
+    # The engine's time, as in the completion record: not the PNG encoding and writing after it.
+    assert sample(after, "fluxworker_steps_per_second") == pytest.approx(3 / run_s)
+    run_sum = "fluxworker_job_run_seconds_sum"
+    assert sample(after, run_sum, type="generate", engine="flux") - sample(before, run_sum, type="generate",
+                                                                            engine="flux") == pytest.approx(run_s)
+
+    # Tiles are no denoising steps.
+    upscaled = requests.post(server.url + "/upscale", json={"image": png_b64((96, 64))}, timeout=60)
+    assert upscaled.status_code == 200, upscaled.text
+    last = wait_for(lambda: (v := scrape(server)) and counted(v, "upscale", "esrgan") > counted(
+        after, "upscale", "esrgan") and v, timeout=30, what="the upscale job in the metrics")
+    assert sample(last, "fluxworker_steps_per_second") == sample(after, "fluxworker_steps_per_second")
+    assert sample(last, "fluxworker_job_run_seconds_count", type="upscale", engine="esrgan") >= 1
 
 
 def test_png_parameters_round_trip_and_rerun_gives_the_same_bytes(server, tmp_path):
@@ -223,6 +248,19 @@ def test_the_worker_enforces_retention_and_logs_it(tmp_path, tiny_dir, worker_fa
     drop(tmp_path / "inbox", {"id": "after-retention", "prompt": "x", "width": 64, "height": 64})
     assert wait_record(tmp_path / "outputs", "after-retention")["status"] == "done"
     assert "retention removed 2 file(s) of 1 job(s)" in worker.log()
+    assert re.search(r"retention removed .*: outputs/stale\.(json|png), outputs/stale\.(json|png)$", worker.log(),
+                     re.MULTILINE)
+
+
+def test_retention_logs_the_first_names_and_counts_the_rest(tmp_path, caplog):
+    inbox = Inbox(tmp_path / "inbox", tmp_path / "outputs")
+    inbox.ensure()
+    for n in range(15):
+        make_output(inbox, f"old-{n:02}", age_days=10 + n)
+    with caplog.at_level("INFO", logger="fluxworker.retention"):
+        assert len(enforce(inbox, max_age_s=86400, max_total_bytes=None)) == 30
+    line = caplog.messages[-1]
+    assert "old-14.png" in line and line.count("outputs/") == 20 and line.endswith(" and 10 more")
 
 
 # -- readiness for systemd ------------------------------------------------------------------------

@@ -63,6 +63,22 @@ def test_inpainting_runs_with_a_mask_of_another_size(engine):
     assert result.image.size == (64, 64)
 
 
+@pytest.mark.parametrize("mask", [None, png_b64((1, 1), color=(255, 255, 255))], ids=["img2img", "inpaint"])
+def test_a_one_pixel_image_is_fitted_to_the_requested_size(engine, mask):
+    result, steps = run(engine, image=png_b64((1, 1), color=(10, 200, 30)), mask=mask, width=128, height=64,
+                        strength=1.0, num_inference_steps=2)
+    assert result.image.size == (128, 64) and result.image.mode == "RGB"
+    assert steps[-1] == (2, 2)
+    fitted = fit(Image.new("RGB", (1, 1), (10, 200, 30)), (128, 64), Image.Resampling.LANCZOS)
+    assert fitted.size == (128, 64) and fitted.getcolors() == [(128 * 64, (10, 200, 30))]
+
+
+def test_a_one_pixel_mask_is_stretched_over_the_whole_image(engine):
+    result, _ = run(engine, image=png_b64((64, 64)), mask=png_b64((1, 1), color=(255, 255, 255)), strength=1.0)
+    assert result.image.size == (64, 64)
+    assert fit_mask(Image.new("L", (1, 1), 255), (64, 64), (64, 64)).getextrema() == (255, 255)
+
+
 def test_a_mask_of_another_shape_stays_aligned_with_its_image():
     """A 200x100 image fitted to 64x64 loses its left and right quarters. A square mask marking
     the image's left quarter (stretched onto the image) marks only what was cropped away."""

@@ -79,6 +79,38 @@ def test_outside_the_mask_every_pixel_is_identical_at_any_size(loaded, size):
     assert steps == [(1, 1)]
 
 
+def lama_job(image, mask):
+    return parse_job({"model": "lama", "image": image, "mask": mask}, LimitsConfig())
+
+
+@pytest.mark.parametrize("mode, color", [("RGB", (10, 20, 30)), ("RGBA", (10, 20, 30, 128)), ("L", 77)])
+def test_a_one_pixel_image_is_erased_at_its_own_size(loaded, mode, color):
+    """LaMa needs 16 x 16 pixels at least: the single pixel is padded up to it and cropped back."""
+    job = lama_job(png_b64((1, 1), color=color, mode=mode), png_b64((1, 1), color=(255, 255, 255)))
+    engine = eraser(loaded)
+    result = engine.run(job, RunContext(seed=None))
+    assert result.image.size == (1, 1) and result.image.mode == mode
+    assert engine.model.shapes == [(1, 1)]
+    if mode == "RGBA":
+        assert result.image.getpixel((0, 0))[3] == 128  # a constant alpha is kept
+
+
+def test_a_one_pixel_image_with_an_empty_mask_comes_back_unchanged(loaded):
+    job = lama_job(png_b64((1, 1), color=(10, 20, 30)), png_b64((1, 1), color=(0, 0, 0)))
+    engine = eraser(loaded)
+    result = engine.run(job, RunContext(seed=None))
+    assert result.image.size == (1, 1) and result.image.getpixel((0, 0)) == (10, 20, 30)
+    assert engine.model.shapes == []
+
+
+def test_a_one_pixel_mask_is_stretched_over_the_whole_image(loaded):
+    job = lama_job(png_b64((40, 30)), png_b64((1, 1), color=(255, 255, 255)))
+    engine = eraser(loaded)
+    result = engine.run(job, RunContext(seed=None))
+    assert result.image.size == (40, 30)
+    assert engine.model.shapes == [(30, 40)]
+
+
 def test_width_and_height_of_the_job_are_ignored(loaded):
     job = parse_job({"model": "lama", "image": png_b64((40, 30)), "mask": png_b64((40, 30), color=(255, 255, 255)),
                      "width": 512, "height": 256}, LimitsConfig())

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -78,6 +79,68 @@ def test_lama_formats_hold_the_same_weights(lama_formats):
     weights = [load_lama(lama_formats[s]).model.state_dict() for s in (".pth", ".pt", ".safetensors")]
     key = "model.model.1.ffc.convl2l.weight"
     assert torch.equal(weights[0][key], weights[1][key]) and torch.equal(weights[0][key], weights[2][key])
+
+
+class BigLama(torch.nn.Module):
+    """LaMa as the exported big-lama checkpoints lay it out: its generator under ``generator``."""
+
+    def __init__(self, generator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, image, mask):
+        masked = image * (1 - mask)
+        return mask * self.generator(masked, mask) + (1 - mask) * image
+
+
+def stored_keys(path):
+    """The names of the weights as the file holds them."""
+    if path.suffix == ".pt":
+        return list(torch.jit.load(str(path)).state_dict())
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            return list(handle.keys())
+    return list(torch.load(path, weights_only=True))
+
+
+@pytest.fixture(scope="module")
+def generator_formats(lama_file, tmp_path_factory):
+    """The session's LaMa with every key under ``generator.`` instead of ``model.``."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("lama-generator")
+    state = torch.load(lama_file, weights_only=True)
+    assert all(key.startswith("model.model.") for key in state)
+    state = {"generator." + key[len("model."):]: value for key, value in state.items()}
+    torch.save(state, folder / "big-lama.pth")
+    save_file({key: value.contiguous() for key, value in state.items()}, str(folder / "big-lama.safetensors"))
+    wrapper = BigLama(load_lama(lama_file).model.model).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracing is deprecated in torch, yet it is big-lama.pt's format
+        traced = torch.jit.trace(wrapper, (torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)), check_trace=False)
+    traced.save(str(folder / "big-lama.pt"))
+    return {suffix: folder / f"big-lama{suffix}" for suffix in (".pth", ".safetensors", ".pt")}
+
+
+@pytest.fixture(scope="module")
+def plain_lama(lama_file):
+    return load_lama(lama_file)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".pt"])
+def test_lama_loads_the_generator_layout_of_the_exported_checkpoints(generator_formats, plain_lama, suffix):
+    path = generator_formats[suffix]
+    assert all(key.startswith("generator.model.") for key in stored_keys(path))
+    model = load_lama(path)
+    assert model.architecture.id == "LaMa" and model.purpose == "Inpainting"
+    torch.manual_seed(3)
+    image, mask = torch.rand(1, 3, 40, 24), torch.zeros(1, 1, 40, 24)
+    mask[:, :, 10:30, 6:18] = 1
+    with torch.inference_mode():
+        assert torch.equal(model(image, mask), plain_lama(image, mask))
 
 
 # -- errors name the key and the file ----------------------------------------------------------

@@ -5,10 +5,12 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import requests
 
-from conftest import drop, wait_for, png_b64, wait_record, write_config
+from conftest import drop, mqtt_section, png_b64, wait_for, wait_record, write_config
 from fluxworker.config import LimitsConfig
 from fluxworker.errors import JobError
 from fluxworker.jobs import JobSpec, parse_job
@@ -52,21 +54,85 @@ def test_no_job_field_is_a_file_path():
             raise AssertionError(f"{value!r} was accepted as an image")
 
 
-def test_ids_that_would_leave_the_folders_are_refused_on_every_way_in(tmp_path, tiny_dir, server_factory):
-    server = server_factory(write_config(tmp_path, tiny_dir))
-    for bad in ("../escape", "a/b", "..", ".hidden", "x" * 65, "a\u0000b", "C:\\x"):
+def files_under(folder):
+    """Every path under ``folder``, recursively (links are listed, not followed)."""
+    return {Path(root, name) for root, dirs, files in os.walk(folder) for name in dirs + files}
+
+
+HOSTILE_IDS = ("../escape", "a/b", "..", ".hidden", "x" * 65, "a\u0000b", "C:\\x")
+
+
+def test_ids_that_would_leave_the_folders_are_refused_on_every_way_in(tmp_path, tiny_dir, server_factory, broker,
+                                                                      probe_factory):
+    server = server_factory(write_config(tmp_path, tiny_dir, mqtt=mqtt_section(broker)))
+    probe = probe_factory(broker, topics=["fluxworker/#"])
+    probe.wait_message("fluxworker/status", lambda m: m.payload == b"online", timeout=60)
+    before = files_under(tmp_path.parent)
+    for bad in HOSTILE_IDS:
         response = requests.post(server.url + "/generate", json={"id": bad, "prompt": "x"}, timeout=30)
         assert response.status_code == 400 and response.json()["error"]["field"] == "id", bad
     for bad in ("..%2F..%2Fconfig", "%2e%2e", "a%00b"):
         assert requests.get(f"{server.url}/jobs/{bad}", timeout=30).status_code == 404
+    # MQTT: each refused on the errors topic, naming the field.
+    for bad in ("../x", *HOSTILE_IDS):
+        probe.publish("fluxworker/jobs", {"id": bad, "prompt": "x", "width": 64, "height": 64})
+    errors = probe.wait_for(lambda p: len(p.payloads("fluxworker/errors")) == len(HOSTILE_IDS) + 1
+                            and p.payloads("fluxworker/errors"), timeout=30, what="an error for each hostile id")
+    assert [(e["id"], e["error"]["field"]) for e in errors] == [(None, "id")] * len(errors)
+    assert all(e["error"]["code"] and e["error"]["message"] for e in errors)
     # An inbox file with a hostile id inside: refused into failed/, nothing written elsewhere.
     drop(tmp_path / "inbox", {"id": "../../outside", "prompt": "x"}, name="hostile.json")
     record = wait_record(tmp_path / "outputs", "hostile")
     assert record["status"] == "failed" and record["error"]["field"] == "id"
-    assert not (tmp_path.parent / "outside.json").exists() and not (tmp_path / "outside.json").exists()
-    assert sorted(os.listdir(tmp_path / "outputs")) == sorted(
-        name for name in os.listdir(tmp_path / "outputs") if not name.startswith("..")
-    )
+    # What the worker and the API wrote, they wrote into the inbox and outputs (the broker keeps its own).
+    added = files_under(tmp_path.parent) - before
+    allowed = [tmp_path / "inbox", tmp_path / "outputs", tmp_path / "broker"]
+    assert added and all(any(path.is_relative_to(folder) for folder in allowed) for path in added), sorted(added)
+    assert not any(part.startswith("..") or part in ("x", "x.json", "escape.json", "outside.json")
+                   for path in added for part in path.relative_to(tmp_path).parts), sorted(added)
+    assert not (tmp_path.parent / "outside.json").exists() and not (tmp_path / "x.json").exists()
+
+
+def reads_change_atime(folder) -> bool:
+    """Whether reading a file moves its access time on this file system (relatime does when the
+    access time is older than the modification time; noatime never does)."""
+    probe = folder / "atime-probe"
+    probe.write_text("x")
+    stat = probe.stat()
+    os.utime(probe, (stat.st_mtime - 3600, stat.st_mtime))
+    probe.read_text()
+    return probe.stat().st_atime > stat.st_mtime - 3600
+
+
+def test_a_symlink_in_the_inbox_is_neither_run_nor_read(tmp_path, tiny_dir, worker_factory):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    target = outside / "job.json"
+    target.write_text(json.dumps({"id": "evil", "prompt": "x", "width": 64, "height": 64}))
+    stat = target.stat()
+    os.utime(target, (stat.st_mtime - 3600, stat.st_mtime))  # an access time any read would move
+    before = target.stat()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "evil.json").symlink_to(target)  # there at start: the first scan sees it
+    worker = worker_factory(write_config(tmp_path, tiny_dir))
+    (inbox / "passwd.json").symlink_to("/etc/passwd")  # arrives while the worker runs: a file event
+    time.sleep(2.5)  # two rescans
+    drop(inbox, {"id": "next", "prompt": "x", "width": 64, "height": 64, "num_inference_steps": 1})
+    assert wait_record(tmp_path / "outputs", "next")["status"] == "done"
+    time.sleep(1.5)  # one more rescan after the job
+    assert worker.proc.poll() is None and worker.status()["state"] == "idle"
+    outputs = tmp_path / "outputs"
+    assert sorted(p.name for p in outputs.iterdir()) == ["next.json", "next.png"]
+    assert sorted(p.name for p in inbox.iterdir() if p.is_symlink()) == ["evil.json", "passwd.json"]
+    assert not any((inbox / "failed").iterdir())
+    assert [name for name in os.listdir(inbox / "processing") if not name.startswith(".")] == []
+    after = target.stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    assert json.loads(target.read_text())["id"] == "evil"
+    if reads_change_atime(outside):
+        assert after.st_atime_ns == before.st_atime_ns, "the worker read the file behind the link"
+    assert "root:" not in worker.log()
 
 
 def test_request_costs_are_bounded_by_configuration(tmp_path, tiny_dir, server_factory):

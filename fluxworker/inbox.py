@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +76,23 @@ def is_job_name(name: str) -> bool:
 
 
 def read_json(path: Path) -> Any | None:
-    """A JSON file's content, or ``None`` when it is missing or not (yet) valid JSON."""
+    """A JSON file's content, or ``None`` when it is missing, a symbolic link (every file the
+    service reads this way it wrote itself, so a link was planted: it is not followed) or not
+    (yet) valid JSON."""
     try:
-        return json.loads(path.read_bytes())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with open(fd, "rb") as file:
+            return json.loads(file.read())
     except (OSError, ValueError, RecursionError):
         return None
+
+
+def is_plain_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file itself, not a symbolic link to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -293,13 +306,13 @@ class Inbox:
         or ``None`` when the id is unknown. Unlike :meth:`state_of`, it does not scan the queue."""
         if not is_valid_id(job_id):
             return None
-        if self.completion_path(job_id).exists():
+        if is_plain_file(self.completion_path(job_id)):
             return "done"
         name = f"{job_id}.json"
-        if (self.root / name).exists() or (self.processing / name).exists():
+        if is_plain_file(self.root / name) or is_plain_file(self.processing / name):
             return "queued"
         # A job only moves inbox -> processing -> record, so looking again at the end misses none.
-        return "done" if self.completion_path(job_id).exists() else None
+        return "done" if is_plain_file(self.completion_path(job_id)) else None
 
     def state_of(self, job_id: str) -> dict | None:
         """Where a job stands: ``done``/``failed`` (its record), ``running`` (with progress),
@@ -313,7 +326,7 @@ class Inbox:
         # in that order, cannot miss a job that moves while we look.
         name = f"{job_id}.json"
         position = self._position(name)
-        if position is None and (self.processing / name).exists():
+        if position is None and is_plain_file(self.processing / name):
             status = self.read_status() or {}
             job = status.get("job") or {}
             state = {"id": job_id, "status": "running", "step": 0, "total": None}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from conftest import drop, mqtt_section, png_b64, wait_for, wait_record, write_config
+from conftest import drop, mqtt_section, png_b64, read_record, wait_for, wait_record, write_config
 from fluxworker.config import LimitsConfig
 from fluxworker.errors import JobError
 from fluxworker.jobs import JobSpec, parse_job
@@ -133,6 +133,24 @@ def test_a_symlink_in_the_inbox_is_neither_run_nor_read(tmp_path, tiny_dir, work
     if reads_change_atime(outside):
         assert after.st_atime_ns == before.st_atime_ns, "the worker read the file behind the link"
     assert "root:" not in worker.log()
+
+
+def test_the_api_trusts_no_symlink_in_the_inbox_or_outputs(tmp_path, tiny_dir, server_factory):
+    server = server_factory(write_config(tmp_path, tiny_dir))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "job.json").write_text(json.dumps({"id": "evil", "type": "upscale", "image": "x"}))
+    (outside / "record.json").write_text(json.dumps({"id": "gone", "status": "done", "url": "/outputs/gone.png"}))
+    (tmp_path / "inbox" / "evil.json").symlink_to(outside / "job.json")
+    (tmp_path / "outputs" / "gone.json").symlink_to(outside / "record.json")
+
+    # Neither a queued job (which would refuse the id as another type's) nor a finished one.
+    response = requests.post(server.url + "/generate", timeout=120, json={
+        "id": "evil", "prompt": "x", "width": 64, "height": 64, "num_inference_steps": 1})
+    assert response.status_code == 200, response.text
+    assert read_record(tmp_path / "outputs", "evil")["status"] == "done"
+    assert json.loads((outside / "job.json").read_text())["type"] == "upscale"
+    assert requests.get(server.url + "/jobs/gone", timeout=30).status_code == 404
 
 
 def test_request_costs_are_bounded_by_configuration(tmp_path, tiny_dir, server_factory):

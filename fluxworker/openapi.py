@@ -14,6 +14,7 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying ag
 _WWW_AUTHENTICATE = {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
 _LOCATION = {"Location": {"required": True, "description": "Where the job is followed: /jobs/{id}.",
                           "schema": {"type": "string"}}}
+_ALLOW = {"Allow": {"required": True, "description": "The methods the path answers.", "schema": {"type": "string"}}}
 
 
 def _error(description: str, headers: dict | None = None) -> dict:
@@ -115,26 +116,37 @@ def _schemas(config: Config) -> dict:
     }
 
 
+def _answers(responses: dict, public: bool = False) -> dict:
+    """An operation's answers, with those every operation may give: 401 (unless the path is
+    public), 405 to the other methods of its path, and 500 for a bug."""
+    unauthorized = {} if public else {
+        "401": _error("Missing or wrong API key (only when a key is configured).", _WWW_AUTHENTICATE)}
+    return {**responses, **unauthorized,
+            "405": _error("Another method on this path than those it answers, which Allow lists: the "
+                          "documented one, HEAD beside GET, and OPTIONS.", _ALLOW),
+            "500": _error("A bug: logged by the server.")}
+
+
 def openapi_document(config: Config) -> dict:
-    unauthorized = _error("Missing or wrong API key (only when a key is configured).", _WWW_AUTHENTICATE)
     common = {
         "400": _error("Invalid input (the error names the field), malformed JSON, or a body that cannot be read."),
-        "401": unauthorized,
         "409": _error("id_in_use: the id belongs to a job of the other type."),
         "413": _error("Body over http.max_body_bytes, or a job over limits.max_job_bytes."),
         "415": _error("Body is not application/json."),
-        "503": _error("Queue full, too many waiting requests, engine unavailable, outputs unwritable, or the "
-                      "service is stopping.", _RETRY_AFTER),
+        "503": _error("Queue full, too many waiting requests, outputs unwritable or the service stopping "
+                      "(with Retry-After), or a job that failed for want of its engine, model or memory.",
+                      _RETRY_AFTER),
         "504": _error("The job outlasted the wait; it goes on and its result lands in /outputs."),
     }
+
+    output = {"image/png": {}, "application/json": {}}
 
     def post(summary: str, schema_ref: str, ok: str) -> dict:
         return {
             "summary": summary,
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": schema_ref}}}},
-            "responses": {"200": _json("The job is done.", ok),
-                          "202": _json("Queued (wait: false).", "Accepted", _LOCATION),
-                          **common, "500": _error("A bug: logged by the server.")},
+            "responses": _answers({"200": _json("The job is done.", ok),
+                                   "202": _json("Queued (wait: false).", "Accepted", _LOCATION), **common}),
         }
 
     return {
@@ -152,34 +164,45 @@ def openapi_document(config: Config) -> dict:
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
                     {"name": "status", "in": "query", "schema": {"type": "string", "enum": ["done", "failed"]}},
                 ],
-                "responses": {"200": _json("Records.", "JobList"), "400": _error("Bad query."), "401": unauthorized},
+                "responses": _answers({"200": _json("Records.", "JobList"), "400": _error("Bad query.")}),
             }},
             "/jobs/{id}": {"get": {
                 "summary": "Where a job stands: queued (position), running (step/total), done or failed",
                 "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": _json("The job's state.", "JobState"), "404": _error("Unknown job id."),
-                              "401": unauthorized},
+                "responses": _answers({"200": _json("The job's state.", "JobState"),
+                                       "404": _error("Unknown job id.")}),
             }},
             "/outputs/{name}": {"get": {
                 "summary": "An output image (PNG) or completion record (JSON)",
                 "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "The file.", "content": {"image/png": {}, "application/json": {}}},
-                              "404": _error("No such output."), "401": unauthorized},
+                "responses": _answers({
+                    "200": {"description": "The file.", "content": output},
+                    "206": {"description": "The byte range a Range header asked for.", "content": output},
+                    "304": {"description": "Not modified (If-None-Match or If-Modified-Since): outputs never change."},
+                    "404": _error("No such output."),
+                    "416": _error("A Range header that asks for no byte of the file."),
+                }),
             }},
             "/health": {"get": {"summary": "The API process is alive", "security": [],
-                                "responses": {"200": _json("Alive.", "Health")}}},
+                                "responses": _answers({"200": _json("Alive.", "Health")}, public=True)}},
             "/ready": {"get": {"summary": "The worker is running with its models loaded",
-                               "responses": {"200": _json("Ready.", "Readiness"),
-                                             "503": _json("Not ready: the same body says why.", "Readiness"),
-                                             "401": unauthorized}}},
+                               "responses": _answers({"200": _json("Ready.", "Readiness"),
+                                                      "503": _json("Not ready: the same body says why.",
+                                                                   "Readiness")})}},
             "/openapi.json": {"get": {"summary": "This document",
-                                      "responses": {"200": {"description": "OpenAPI.",
-                                                            "content": {"application/json": {}}},
-                                                    "401": unauthorized}}},
+                                      "responses": _answers({"200": {"description": "OpenAPI.",
+                                                                     "content": {"application/json": {}}}})}},
             "/metrics": {"get": {"summary": "Prometheus metrics: jobs, durations, queue, GPU memory",
-                                 "responses": {"200": {"description": "Text exposition format.",
-                                                       "content": {"text/plain": {}}},
-                                               "401": unauthorized}}},
+                                 "responses": _answers({"200": {"description": "Text exposition format.",
+                                                                "content": {"text/plain": {}}}})}},
+            "/": {"get": {"summary": "The playground: a page to generate images and browse recent outputs",
+                          "security": [],
+                          "responses": _answers({"200": {"description": "The page.", "content": {"text/html": {}}}},
+                                                public=True)}},
+            "/playground.js": {"get": {"summary": "The playground's script", "security": [],
+                                       "responses": _answers({"200": {"description": "The script.",
+                                                                      "content": {"text/javascript": {}}}},
+                                                             public=True)}},
         },
         "components": {
             "schemas": _schemas(config),

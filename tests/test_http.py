@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -49,15 +50,31 @@ def assert_error(response, status, code, field=None):
     return error
 
 
+def assert_done(server, job_id: str, **expected) -> dict:
+    """GET /jobs/<id> answers the job's completion record: done, with the ``expected`` fields."""
+    response = requests.get(server.url + f"/jobs/{job_id}", timeout=30)
+    assert response.status_code == 200, response.text
+    record = response.json()
+    wanted = {"id": job_id, "status": "done", **expected}
+    assert {key: record.get(key) for key in wanted} == wanted, record
+    return record
+
+
 def assert_documented(doc: dict, path: str, method: str, response) -> None:
-    """The answer is one /openapi.json describes: its status is listed, its JSON body matches the
-    schema, and the headers it marks required are there."""
+    """The answer is one /openapi.json describes: its status is listed, its content type is one the
+    status lists, its JSON body matches the schema, and the headers it marks required are there."""
     import jsonschema_rs
 
     answers = doc["paths"][path][method]["responses"]
     assert str(response.status_code) in answers, (path, method, response.status_code, sorted(answers))
     documented = answers[str(response.status_code)]
-    schema = documented.get("content", {}).get("application/json", {}).get("schema")
+    content = documented.get("content", {})
+    media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+    if content:
+        assert media_type in content, (path, method, response.status_code, media_type, sorted(content))
+    else:
+        assert not response.content, (path, method, response.status_code, response.content[:200])
+    schema = content.get("application/json", {}).get("schema")
     if schema is not None:
         validator = jsonschema_rs.validator_for({**schema, "components": doc["components"]})
         errors = [f"{list(e.instance_path)}: {e.message}" for e in validator.iter_errors(response.json())]
@@ -94,6 +111,7 @@ def test_the_documents_upscale_example(server):
     assert body["url"].startswith("/outputs/upscale_") and body["url"].endswith(".png")
     assert "seed" not in body
     assert fetch_image(server, body["url"]).size == (128, 96)
+    assert_done(server, body["id"], type="upscale", model="esrgan", width=128, height=96, url=body["url"])
 
 
 # -- fields and defaults -------------------------------------------------------------------------
@@ -130,13 +148,29 @@ def test_image_to_image_and_flux_inpainting(server):
     assert inpaint.status_code == 200, inpaint.text
 
 
+def data_url(image: Image.Image) -> str:
+    """``image`` as a PNG data URL, the way a browser sends a canvas."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def test_lama_erase_through_the_api(server):
-    image = png_b64((40, 30), color=(10, 200, 10))
-    mask = png_b64((40, 30), color=(0, 0, 0))
-    response = post(server, "/generate", {"model": "lama", "image": image, "mask": mask})
+    """A white rectangle in the mask: LaMa (random weights) fills it; every other pixel comes back
+    as it was sent, at the image's own size (odd, and not the job's width and height)."""
+    image = Image.effect_noise((41, 30), 60).convert("RGB")
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (12, 8, 28, 21))
+    response = post(server, "/generate", {"model": "lama", "image": data_url(image), "mask": data_url(mask)})
     assert response.status_code == 200, response.text
-    assert isinstance(response.json()["seed"], int)
-    assert fetch_image(server, response.json()["url"]).size == (40, 30)
+    body = response.json()
+    assert isinstance(body["seed"], int)
+    erased = fetch_image(server, body["url"])
+    assert erased.size == image.size and erased.mode == "RGB"
+    sent, got, hole = np.asarray(image), np.asarray(erased), np.asarray(mask) == 255
+    assert np.array_equal(got[~hole], sent[~hole])
+    assert not np.array_equal(got[hole], sent[hole])  # the model ran
+    assert_done(server, body["id"], type="generate", model="lama", width=41, height=30, url=body["url"])
 
 
 def test_a_generate_answer_always_has_an_integer_seed(server):
@@ -235,7 +269,11 @@ def test_unknown_paths_and_methods_are_json(server):
     response = requests.post(server.url + "/jobs/x", timeout=30)
     assert_error(response, 405, "method_not_allowed")
     assert response.headers["Allow"] == "GET, HEAD, OPTIONS"
-    assert requests.head(server.url + "/jobs/idem-1", timeout=30).status_code == 200
+    queued = requests.post(server.url + "/generate", timeout=30, json={
+        "id": "head-1", "prompt": "x", "width": 64, "height": 64, "num_inference_steps": 1, "wait": False})
+    assert queued.status_code == 202
+    head = requests.head(server.url + "/jobs/head-1", timeout=30)
+    assert head.status_code == 200 and head.content == b""
     options = requests.options(server.url + "/health", timeout=30)
     assert options.status_code == 204 and options.headers["Allow"] == "GET, HEAD, OPTIONS"
 
@@ -310,6 +348,51 @@ def test_a_body_the_client_stops_sending_is_400(tmp_path, tiny_dir):
     assert answer["status"].startswith("400") and answer["headers"]["Connection"] == "close"
     assert json.loads(body)["error"]["code"] == "invalid_body"
     assert not list((tmp_path / "inbox").glob("*.json"))
+
+
+def wsgi_request(api, method: str, path: str, **environ) -> requests.Response:
+    """One request straight through the API's WSGI interface (no server, no socket), answered as a
+    ``requests`` response."""
+    from wsgiref.util import setup_testing_defaults
+
+    from requests.structures import CaseInsensitiveDict
+
+    environ.update(REQUEST_METHOD=method, PATH_INFO=path)
+    setup_testing_defaults(environ)
+    response = requests.Response()
+
+    def start_response(status, headers, exc_info=None):
+        response.status_code = int(status.split()[0])
+        response.headers = CaseInsensitiveDict(headers)
+
+    response._content = b"".join(api(environ, start_response))
+    return response
+
+
+def test_a_bug_in_a_handler_answers_a_logged_json_500_with_cors(tmp_path, tiny_dir, monkeypatch, caplog):
+    """An unexpected exception in a handler (here, listing the records breaks) answers 500
+    internal_error in JSON with the CORS headers, as /openapi.json says; its traceback goes to the
+    log, not to the client."""
+    from fluxworker.config import load_config
+    from fluxworker.http import Api
+    from fluxworker.openapi import openapi_document
+
+    config = load_config(write_config(tmp_path, tiny_dir))
+    api = Api(config)
+
+    def broken(limit, status=None):
+        raise RuntimeError("the records vanished")
+
+    monkeypatch.setattr(api.inbox, "recent", broken)
+    with caplog.at_level("ERROR", logger="fluxworker.http"):
+        response = wsgi_request(api, "GET", "/jobs", HTTP_ORIGIN="http://elsewhere.example")
+    assert_error(response, 500, "internal_error")
+    assert "Access-Control-Expose-Headers" in response.headers
+    assert "vanished" not in response.text
+    logged = [r for r in caplog.records if r.name == "fluxworker.http" and r.levelname == "ERROR"]
+    assert len(logged) == 1 and "GET /jobs" in logged[0].getMessage()
+    assert "Traceback" in logged[0].getMessage() and "RuntimeError: the records vanished" in logged[0].getMessage()
+    assert_documented(openapi_document(config), "/jobs", "get", response)
 
 
 def test_a_trailing_slash_routes_like_the_path_without_it(server):
@@ -437,8 +520,28 @@ def test_real_answers_match_the_openapi_document(server):
         ("/outputs/{name}", "get", requests.get(server.url + "/outputs/never-seen.png", timeout=30)),
         ("/health", "get", requests.get(server.url + "/health", timeout=30)),
         ("/ready", "get", requests.get(server.url + "/ready", timeout=30)),
+        ("/openapi.json", "get", requests.get(server.url + "/openapi.json", timeout=30)),
+        ("/metrics", "get", requests.get(server.url + "/metrics", timeout=30)),
+        ("/", "get", requests.get(server.url + "/", timeout=30)),
+        ("/playground.js", "get", requests.get(server.url + "/playground.js", timeout=30)),
     ]
-    assert {response.status_code for _, _, response in answers} >= {200, 202, 400, 404, 409, 413, 415}
+    image_url = generated.json()["url"]
+    image = requests.get(server.url + image_url, timeout=30)
+    for url, headers in [(image_url.replace(".png", ".json"), {}), (image_url, {"Range": "bytes=0-7"}),
+                         (image_url, {"Range": "bytes=999999-"}),
+                         (image_url, {"If-None-Match": image.headers["ETag"]})]:
+        answers.append(("/outputs/{name}", "get", requests.get(server.url + url, headers=headers, timeout=30)))
+    answers.append(("/outputs/{name}", "get", image))
+    # Every path answers 405, with Allow, to the methods it does not take.
+    for path, operations in doc["paths"].items():
+        method = next(iter(operations))
+        other = "PUT" if method == "post" else "POST"
+        response = requests.request(other, server.url + path.format(id="x", name="x.png"), timeout=30)
+        assert response.status_code == 405, (other, path, response.text)
+        answers.append((path, method, response))
+    assert {path for path, _, _ in answers} == set(doc["paths"])
+    assert {response.status_code for _, _, response in answers} >= {200, 202, 206, 304, 400, 404, 405, 409, 413,
+                                                                    415, 416}
     for path, method, response in answers:
         assert_documented(doc, path, method, response)
     request_schema = doc["components"]["schemas"]["GenerateRequest"]
@@ -506,10 +609,12 @@ def test_queue_limit_answers_503_with_retry_after(tmp_path, tiny_dir, server_fac
     api = server_factory(config, command="api")  # no worker: jobs stay queued
     for n in range(2):
         assert post(api, "/generate", {"prompt": f"q{n}", "wait": False}).status_code == 202
-    error = assert_error(post(api, "/generate", {"prompt": "one too many", "wait": False}), 503, "queue_full")
-    response = post(api, "/generate", {"prompt": "one too many"})
-    assert int(response.headers["Retry-After"]) >= 1
+    response = post(api, "/generate", {"prompt": "one too many", "wait": False})
+    error = assert_error(response, 503, "queue_full")
+    assert response.headers["Retry-After"] == "4"  # http.retry_after_per_job (2 s) for each of the 2 queued jobs
     assert "2 jobs" in error["message"]
+    waiting = post(api, "/generate", {"prompt": "one too many"})  # a request that would wait: the same answer
+    assert waiting.status_code == 503 and waiting.headers["Retry-After"] == "4"
     ready = requests.get(api.url + "/ready", timeout=30)
     assert ready.status_code == 503
     doc = requests.get(api.url + "/openapi.json", timeout=30).json()
@@ -597,6 +702,7 @@ def test_a_job_that_outlasts_the_wait_gets_504_and_still_finishes(tmp_path, tiny
     api = server_factory(config, command="api")
     response = post(api, "/generate", {"prompt": "late", "width": 64, "height": 64})
     assert_error(response, 504, "timeout")
+    assert_documented(requests.get(api.url + "/openapi.json", timeout=30).json(), "/generate", "post", response)
     job_id = response.json()["id"]
     assert requests.get(api.url + f"/jobs/{job_id}", timeout=30).json()["status"] == "queued"
     worker_factory(config)

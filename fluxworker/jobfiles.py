@@ -4,6 +4,7 @@ refusing, with a failed record where it names an id, what is not a valid job."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,16 +30,22 @@ class JobFiles:
         self._large_read = large_read  # called before reading a file over large_bytes
         self._large_bytes = large_bytes
         self._unsettled: dict[str, float] = {}
+        # The JSON that ready() parsed, for read() to reuse once the file is claimed: a rename keeps
+        # the inode, size and modification time, so a match means the same bytes.
+        self._parsed: tuple[str, tuple[int, int, int], Any] | None = None
 
     def ready(self, name: str, mtime: float) -> bool:
         """A file is ready once it parses as JSON; one that does not parse for ``settle_seconds``
         is taken anyway (and rejected). One over the size limit is taken at once, unread."""
         path = self.inbox.root / name
         try:
-            if path.stat().st_size > self.limit:
+            st = os.stat(path)
+            if st.st_size > self.limit:
                 return True
-            parse_json(path.read_bytes(), self.limit)
+            data = parse_json(path.read_bytes(), self.limit)
             self._unsettled.pop(name, None)
+            if st.st_size <= self._large_bytes:
+                self._parsed = (name, _identity(st), data)
             return True
         except FileNotFoundError:
             return False
@@ -52,7 +59,11 @@ class JobFiles:
 
     def read(self, path: Path) -> Any:
         """A claimed job file's JSON; one over ``limits.max_job_bytes`` is refused unread."""
-        size = path.stat().st_size
+        st = os.stat(path)
+        size = st.st_size
+        parsed, self._parsed = self._parsed, None
+        if parsed is not None and parsed[0] == path.name and parsed[1] == _identity(st):
+            return parsed[2]
         if size > self.limit:
             raise JobError("too_large", f"the job file has {size} bytes; the limit is {self.limit}")
         if size > self._large_bytes:
@@ -81,3 +92,7 @@ class JobFiles:
         log.warning("rejected %s: %s [%s] transport=%s", path.name, error.message, error.code, transport)
         self.inbox.reject(path, error, job_id, job_type)
         self.metrics.count_rejected(transport, job_type or "unknown")
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns

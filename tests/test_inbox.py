@@ -145,3 +145,27 @@ def test_write_atomic_leaves_no_temporary_file(tmp_path):
     write_atomic(tmp_path / "a.json", b'{"x": 1}', durable=False)
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
     assert (tmp_path / "a.json").read_bytes() == b'{"x": 1}'
+
+
+def test_a_claimed_file_is_parsed_once_unless_it_changed_after_the_ready_check(inbox, tmp_path, monkeypatch):
+    from fluxworker import jobfiles
+    from fluxworker.config import parse_config
+    from fluxworker.metrics import JobMetrics
+
+    parsed = []
+    real_parse = jobfiles.parse_json
+    monkeypatch.setattr(jobfiles, "parse_json", lambda raw, limit: parsed.append(raw) or real_parse(raw, limit))
+    files = jobfiles.JobFiles(parse_config({}, tmp_path), inbox, JobMetrics(tmp_path / "m.json"),
+                              lambda: None, 1 << 20)
+
+    write_atomic(inbox.root / "same.json", b'{"prompt": "a fox"}')
+    assert files.ready("same.json", os.stat(inbox.root / "same.json").st_mtime)
+    assert files.read(inbox.claim("same.json")) == {"prompt": "a fox"}
+    assert len(parsed) == 1  # the ready check's parse is reused
+
+    # Replaced between the check and the claim (another inode): read again.
+    write_atomic(inbox.root / "changed.json", b'{"prompt": "old"}')
+    assert files.ready("changed.json", os.stat(inbox.root / "changed.json").st_mtime)
+    write_atomic(inbox.root / "changed.json", b'{"prompt": "new"}')
+    assert files.read(inbox.claim("changed.json")) == {"prompt": "new"}
+    assert len(parsed) == 3

@@ -199,6 +199,10 @@ class Inbox:
     def completion_path(self, job_id: str) -> Path:
         return self.outputs / f"{job_id}.json"
 
+    def has_record(self, job_id: str) -> bool:
+        """Whether the job's completion record is there (a planted symbolic link is not one)."""
+        return is_plain_file(self.completion_path(job_id))
+
     def completion(self, job_id: str) -> dict | None:
         """The completion record of a job, or ``None`` while it is not finished."""
         if not is_valid_id(job_id):
@@ -226,7 +230,7 @@ class Inbox:
         from .jobs import failed_record
 
         self._to_failed(processing_path, error.to_dict())
-        if job_id is not None and not self.completion_path(job_id).exists():
+        if job_id is not None and not self.has_record(job_id):
             try:
                 write_atomic(self.completion_path(job_id), json.dumps(failed_record(job_id, error, job_type)).encode())
             except OSError as exc:  # outputs full or read-only: failed/ still holds the file and its error
@@ -306,13 +310,13 @@ class Inbox:
         or ``None`` when the id is unknown. Unlike :meth:`state_of`, it does not scan the queue."""
         if not is_valid_id(job_id):
             return None
-        if is_plain_file(self.completion_path(job_id)):
+        if self.has_record(job_id):
             return "done"
         name = f"{job_id}.json"
         if is_plain_file(self.root / name) or is_plain_file(self.processing / name):
             return "queued"
         # A job only moves inbox -> processing -> record, so looking again at the end misses none.
-        return "done" if is_plain_file(self.completion_path(job_id)) else None
+        return "done" if self.has_record(job_id) else None
 
     def state_of(self, job_id: str) -> dict | None:
         """Where a job stands: ``done``/``failed`` (its record), ``running`` (with progress),
@@ -370,8 +374,8 @@ class Inbox:
 
     def _record_files(self) -> Iterator[tuple[int, str]]:
         """``(modification time, name)`` of each completion record, unordered."""
-        for name, stat in _job_files(self.outputs):
-            yield stat.st_mtime_ns, name
+        for name, info in _job_files(self.outputs):
+            yield info.st_mtime_ns, name
 
 
 def _job_files(folder: Path) -> Iterator[tuple[str, os.stat_result]]:

@@ -138,7 +138,7 @@ class Deliveries:
         for job_id in list(self.missed):
             if job_id in due or self.on_way(job_id):
                 continue
-            if self.inbox.completion_path(job_id).exists():
+            if self.inbox.has_record(job_id):
                 due.append(job_id)
             else:
                 self._forget(job_id)  # its record is gone: nothing to report any more
